@@ -1,0 +1,73 @@
+"""Data: identity folders, packed RecordIO, LFW pairs, ``.bin`` sets, the synthetic set, samplers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+from facecli.data.images import Preprocess
+from facecli.errors import UserError
+
+TRAIN_SUBDIRS = ("CASIA-webface", "CASIA-WebFace", "faces_webface_112x112")
+LFW_SUBDIRS = ("Labeled Faces in the Wild (LFW)", "lfw")
+
+
+def resolve_train_dir(train_dir: str | os.PathLike | None, dataset_path: str | os.PathLike | None) -> Path:
+    """``--train-dir``, else the training set found under ``DATASET_PATH``."""
+    if train_dir is not None:
+        p = Path(train_dir).expanduser()
+        if not p.is_dir():
+            raise UserError(f"Training folder {str(p)!r} (--train-dir) does not exist or is not a directory.")
+        return p
+    if dataset_path is None:
+        raise UserError("No training data given: set DATASET_PATH in the environment or .env, or pass --dataset-path or --train-dir.")
+    root = Path(dataset_path).expanduser()
+    if not root.is_dir():
+        raise UserError(f"Dataset path {str(root)!r} (DATASET_PATH / --dataset-path) does not exist or is not a directory.")
+    from facecli.data.recordio import is_recordio_dir
+
+    if is_recordio_dir(root):
+        return root
+    for name in TRAIN_SUBDIRS:
+        if (root / name).is_dir():
+            return root / name
+    raise UserError(
+        f"No training set under {str(root)!r} (DATASET_PATH): expected one of {', '.join(TRAIN_SUBDIRS)} or train.rec/train.idx.",
+        hint="Pass --train-dir to name the folder of identity folders.",
+    )
+
+
+def resolve_lfw_dir(lfw_dir: str | os.PathLike | None, dataset_path: str | os.PathLike | None) -> Path | None:
+    """``--lfw-dir``, else LFW found under ``DATASET_PATH``, else None."""
+    if lfw_dir is not None:
+        p = Path(lfw_dir).expanduser()
+        if not p.is_dir():
+            raise UserError(f"LFW folder {str(p)!r} (--lfw-dir) does not exist or is not a directory.")
+        return p
+    if dataset_path is None:
+        return None
+    root = Path(dataset_path).expanduser()
+    for name in LFW_SUBDIRS:
+        if (root / name).is_dir():
+            return root / name
+    return None
+
+
+def build_train_dataset(
+    train_dir: Path,
+    preprocess: Preprocess,
+    classes: Sequence[str] | None = None,
+    identities: Sequence[str] | None = None,
+):
+    """Identity folders or a packed ``train.rec``, whichever ``train_dir`` holds."""
+    from facecli.data.recordio import RecordIODataset, is_recordio_dir
+
+    if is_recordio_dir(train_dir):
+        wanted = list(classes) if classes is not None else (list(identities) if identities is not None else None)
+        return RecordIODataset(
+            train_dir, image_size=preprocess.image_size, crop_fraction=preprocess.crop_fraction, identities=wanted
+        )
+    from facecli.data.folders import IdentityFolderDataset
+
+    return IdentityFolderDataset(train_dir, preprocess, classes=classes, identities=identities)

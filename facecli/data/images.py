@@ -1,0 +1,174 @@
+"""Decoding one face image into the network's input: a uint8 (3, S, S) tensor.
+
+Everything that reads pixels (identity folders, packed RecordIO, ``.bin`` sets, LFW
+pairs, ``embed``) goes through :func:`decode_image`, so training and evaluation see
+exactly the same preprocessing:
+
+1. decode (JPEG decoding is downscaled while decoding with PIL's draft mode when the
+   source is much larger than the input: fewer pixels decoded, same result quality);
+2. convert any mode to RGB (grayscale, CMYK, 16-bit, palette with alpha);
+3. centre-crop a square whose side is ``crop_fraction`` of the shorter side;
+4. resize to ``image_size`` x ``image_size`` (bilinear, antialiased).
+
+Crop policy (``crop_fraction=None`` means *auto*): unaligned 250x250 images, the raw
+CASIA-WebFace and LFW layout, keep their central 150x150 region (fraction 0.6), where
+the face is; every other size keeps the whole centred square (aligned 112x112 sets,
+the synthetic set, AT&T). The resolved fraction is stored in every checkpoint.
+
+Pixels stay uint8 until they reach the training device: shipping bytes instead of
+float tensors between DataLoader workers is four times less memory traffic.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+from facecli.errors import ImageError
+
+# A truncated JPEG must fail loudly, not decode as grey.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+# Face sets never hold gigapixel images; keep PIL's bomb check but as an error.
+warnings.simplefilter("error", Image.DecompressionBombWarning)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".webp", ".tif", ".tiff")
+UNALIGNED_SIZE = (250, 250)
+UNALIGNED_CROP = 0.6
+
+Source = Union[str, os.PathLike, bytes]
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How raw pixels become network input; saved with every model."""
+
+    image_size: int = 112
+    crop_fraction: float | None = None  # None: auto (see module docstring)
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+    def to_dict(self) -> dict:
+        return {
+            "image_size": int(self.image_size),
+            "crop_fraction": None if self.crop_fraction is None else float(self.crop_fraction),
+            "mean": [float(v) for v in self.mean],
+            "std": [float(v) for v in self.std],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocess":
+        return cls(
+            image_size=int(d["image_size"]),
+            crop_fraction=d.get("crop_fraction"),
+            mean=tuple(d.get("mean", (0.5, 0.5, 0.5))),
+            std=tuple(d.get("std", (0.5, 0.5, 0.5))),
+        )
+
+
+def is_image_file(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+
+
+def resolve_crop(size: tuple[int, int], crop_fraction: float | None) -> float:
+    if crop_fraction is not None:
+        return float(crop_fraction)
+    return UNALIGNED_CROP if tuple(size) == UNALIGNED_SIZE else 1.0
+
+
+def _open(source: Source, where: str) -> Image.Image:
+    try:
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            if len(source) == 0:
+                raise ImageError(f"{where}: empty image data.")
+            return Image.open(io.BytesIO(bytes(source)))
+        path = Path(source)
+        if path.stat().st_size == 0:
+            raise ImageError(f"{where}: file is empty (0 bytes).")
+        return Image.open(path)
+    except ImageError:
+        raise
+    except FileNotFoundError as e:
+        raise ImageError(f"{where}: file not found.") from e
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombWarning) as e:
+        raise ImageError(f"{where}: not a readable image ({type(e).__name__}: {e}).") from e
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode to 8-bit RGB, without the surprises of a bare ``convert('RGB')``."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img, dtype=np.int64)
+        top = 65535 if mode.startswith("I;16") or arr.max(initial=0) > 255 else 255
+        arr8 = np.clip(arr * 255 // max(top, 1), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr8, mode="L").convert("RGB")
+    if mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min(initial=0.0)), float(arr.max(initial=1.0))
+        arr8 = np.clip((arr - lo) * 255.0 / max(hi - lo, 1e-12), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr8, mode="L").convert("RGB")
+    if mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def decode_image(
+    source: Source,
+    image_size: int = 112,
+    crop_fraction: float | None = None,
+    where: str | None = None,
+) -> torch.Tensor:
+    """Decode, convert, crop and resize one image to a uint8 tensor (3, S, S).
+
+    Raises :class:`ImageError` for empty, truncated or non-image input.
+    """
+    where = where or (str(source) if not isinstance(source, (bytes, bytearray, memoryview)) else "<bytes>")
+    img = _open(source, where)
+    try:
+        w, h = img.size
+        frac = resolve_crop((w, h), crop_fraction)
+        side = max(1, int(round(min(w, h) * frac)))
+        if img.format == "JPEG" and side > 2 * image_size:
+            # Decode at 1/2, 1/4 or 1/8 scale while keeping at least image_size pixels in the crop.
+            scale_to = (max(1, int(w * image_size / side)), max(1, int(h * image_size / side)))
+            img.draft("RGB", scale_to)
+            w2, h2 = img.size
+            side = max(1, int(round(side * w2 / w)))
+            w, h = w2, h2
+        img.load()
+        img = to_rgb(img)
+        if side != min(w, h) or w != h:
+            left = (w - side) // 2
+            top = (h - side) // 2
+            img = img.crop((left, top, left + side, top + side))
+        if img.size != (image_size, image_size):
+            img = img.resize((image_size, image_size), Image.BILINEAR, reducing_gap=None)
+        arr = np.asarray(img, dtype=np.uint8)
+    except ImageError:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning) as e:
+        raise ImageError(f"{where}: not a readable image ({type(e).__name__}: {e}).") from e
+    finally:
+        img.close()
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+def normalize_batch(images: torch.Tensor, preprocess: Preprocess) -> torch.Tensor:
+    """uint8 (B, 3, S, S) on any device to normalised float32."""
+    mean = torch.tensor(preprocess.mean, device=images.device, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(preprocess.std, device=images.device, dtype=torch.float32).view(1, 3, 1, 1)
+    return (images.float().div_(255.0) - mean) / std

@@ -1,0 +1,206 @@
+"""The checkpoint format, atomic checkpoint I/O and the model loader.
+
+A facecli checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so
+``torch.load(path, weights_only=True)`` reads it: a checkpoint can never run code when it
+is opened, and facecli opens nothing any other way. It is *self-describing*: the model
+name, backbone, embedding size, preprocessing, label map, hyper-parameters, progress
+counters, verification threshold and library versions are inside, so every later command
+needs the file and nothing else.
+
+Writes are atomic: the dict is written to a temporary file in the same directory, flushed
+and fsync'ed, then renamed over the target (``os.replace``), and the directory is fsync'ed.
+A process killed at any instant leaves either the old file or the new one, never a torn one.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import pickle
+import platform
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from facecli import __version__
+from facecli.errors import CheckpointError, UserError
+
+FORMAT = "facecli-checkpoint"
+FORMAT_VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+
+
+class CheckpointSaveError(UserError):
+    """Saving failed (disk full, permission denied): the run must stop, old files are intact."""
+
+    exit_code = 3
+
+
+def library_versions() -> dict[str, str]:
+    import numpy
+    import torchvision
+
+    return {
+        "facecli": __version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "numpy": numpy.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def new_checkpoint(**fields: Any) -> dict:
+    """The envelope every checkpoint shares; callers add states and metadata."""
+    ckpt = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": library_versions(),
+    }
+    ckpt.update(fields)
+    return ckpt
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Call ``write(fileobj)`` on a temporary file, then rename it to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
+            reason = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else (e.strerror or str(e))
+            raise CheckpointSaveError(
+                f"Could not write {path}: {reason}.",
+                hint="The previous checkpoint is kept; free space or fix permissions, then resume.",
+            ) from e
+        raise
+    _fsync_dir(path.parent)
+
+
+def save_checkpoint(ckpt: dict, path: str | os.PathLike) -> None:
+    atomic_write(path, lambda f: torch.save(ckpt, f))
+
+
+def load_checkpoint(path: str | os.PathLike, expect_model: str | None = None) -> dict:
+    """Load a facecli checkpoint safely, or raise :class:`CheckpointError` saying why not."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"Checkpoint {str(p)!r} does not exist.")
+    if not p.is_file():
+        raise CheckpointError(f"Checkpoint {str(p)!r} is not a file.")
+    if p.stat().st_size == 0:
+        raise CheckpointError(f"Checkpoint {str(p)!r} is empty (0 bytes).", hint="It was never written completely; use another checkpoint.")
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights_only" in str(e) or "Unsupported global" in str(e) or "GLOBAL" in str(e):
+            raise CheckpointError(
+                f"Refused to load {str(p)!r}: it contains Python objects other than tensors and plain data, "
+                "which could run code when unpickled.",
+                hint="facecli only loads weights; re-save it with facecli or from a trusted source.",
+            ) from e
+        raise CheckpointError(f"{str(p)!r} is damaged or not a PyTorch checkpoint ({e}).") from e
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, AttributeError, KeyError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{str(p)!r} is damaged or not a PyTorch checkpoint ({first[:160]}).") from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{str(p)!r} is not a facecli checkpoint (it looks like a plain state_dict or another program's file).",
+            hint="Use a .pt written by `facecli train`.",
+        )
+    version = ckpt.get("format_version")
+    if version not in SUPPORTED_VERSIONS:
+        raise CheckpointError(
+            f"{str(p)!r} has checkpoint format version {version!r}; this facecli {__version__} reads {list(SUPPORTED_VERSIONS)}.",
+            hint="Use the facecli version that wrote it, or retrain.",
+        )
+    for key in ("model", "net", "net_state", "preprocess", "classes"):
+        if key not in ckpt:
+            raise CheckpointError(f"{str(p)!r} is an incomplete facecli checkpoint (no {key!r}).")
+    if expect_model is not None and ckpt["model"] != expect_model:
+        raise CheckpointError(
+            f"{str(p)!r} is a {ckpt['model']} run, not {expect_model}.",
+            hint=f"Use `facecli resume {ckpt['model']} ...` or pick a {expect_model} run.",
+        )
+    return ckpt
+
+
+@dataclass
+class FaceModel:
+    """A trained embedding network with what it needs to be used: preprocessing and threshold."""
+
+    net: torch.nn.Module
+    preprocess: "Any"
+    threshold: float | None
+    model: str
+    checkpoint: dict
+    path: Path
+
+    @property
+    def embedding_dim(self) -> int:
+        return int(self.checkpoint["net"]["embedding_dim"])
+
+
+def build_net_from_checkpoint(ckpt: dict) -> torch.nn.Module:
+    from facecli.backbones import EmbeddingNet
+
+    cfg = ckpt["net"]
+    net = EmbeddingNet(backbone=cfg["backbone"], embedding_dim=cfg["embedding_dim"], normalize=cfg["normalize"])
+    net.load_state_dict(ckpt["net_state"])
+    return net
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> FaceModel:
+    """Rebuild the embedding network of a checkpoint, in eval mode, on ``device``."""
+    from facecli.data.images import Preprocess
+
+    ckpt = load_checkpoint(path)
+    try:
+        net = build_net_from_checkpoint(ckpt)
+    except (RuntimeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{str(path)!r}: the stored weights do not fit the stored network ({str(e).splitlines()[0][:160]}).") from e
+    net.to(device).eval()
+    return FaceModel(
+        net=net,
+        preprocess=Preprocess.from_dict(ckpt["preprocess"]),
+        threshold=ckpt.get("threshold"),
+        model=ckpt["model"],
+        checkpoint=ckpt,
+        path=Path(path),
+    )
+
+
+def set_threshold(path: str | os.PathLike, threshold: float, source: str) -> None:
+    """Store a verification threshold in an existing checkpoint (atomically)."""
+    ckpt = load_checkpoint(path)
+    ckpt["threshold"] = float(threshold)
+    ckpt["threshold_source"] = source
+    save_checkpoint(ckpt, path)

@@ -1,0 +1,81 @@
+"""Optimizers and learning-rate schedules.
+
+The schedule is a pure function of the global step, recomputed every step, so it has no
+state of its own to save: resuming at step k gives exactly the learning rate of step k.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Sequence
+
+import torch
+
+from facecli.errors import UserError
+
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULERS = ("cosine", "step", "constant")
+DEFAULT_LR = {"sgd": 0.1, "adamw": 1e-3}
+
+
+def build_optimizer(name: str, params: Iterable, lr: float, weight_decay: float = 5e-4, momentum: float = 0.9):
+    """SGD (momentum 0.9, weight decay 5e-4, the margin-loss papers' recipe) or AdamW.
+
+    BatchNorm weights and biases get no weight decay: decaying them only hurts.
+    """
+    decay, no_decay = [], []
+    for p in params:
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=False)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr)
+    raise UserError(f"Unknown optimizer {name!r}.", hint=f"Choose one of: {', '.join(OPTIMIZERS)}.")
+
+
+class Schedule:
+    """Linear warm-up, then cosine decay to zero, step decay (x0.1 at milestones) or constant."""
+
+    def __init__(
+        self,
+        name: str,
+        base_lr: float,
+        total_steps: int,
+        steps_per_epoch: int,
+        warmup_epochs: float = 0.0,
+        milestones: Sequence[int] | None = None,
+        gamma: float = 0.1,
+    ):
+        if name not in SCHEDULERS:
+            raise UserError(f"Unknown scheduler {name!r}.", hint=f"Choose one of: {', '.join(SCHEDULERS)}.")
+        self.name = name
+        self.base_lr = base_lr
+        self.total_steps = max(1, total_steps)
+        self.steps_per_epoch = max(1, steps_per_epoch)
+        self.warmup_steps = min(int(round(warmup_epochs * steps_per_epoch)), self.total_steps - 1)
+        epochs = max(1, round(total_steps / self.steps_per_epoch))
+        if milestones is None:
+            milestones = sorted({max(1, int(epochs * 0.6)), max(1, int(epochs * 0.85))})
+        self.milestone_steps = [m * self.steps_per_epoch for m in milestones]
+        self.gamma = gamma
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate used for optimizer step number ``step`` (0-based)."""
+        if self.warmup_steps > 0 and step < self.warmup_steps:
+            return self.base_lr * (step + 1) / self.warmup_steps
+        if self.name == "constant":
+            return self.base_lr
+        if self.name == "step":
+            return self.base_lr * self.gamma ** sum(step >= m for m in self.milestone_steps)
+        span = max(1, self.total_steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        return self.base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def apply(self, optimizer: torch.optim.Optimizer, step: int) -> float:
+        lr = self.lr_at(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        return lr

@@ -1,0 +1,45 @@
+"""Finding runs on disk: ``<checkpoints>/<model>/<run-name>/{latest,min_loss,best}.pt``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from facecli.errors import UserError
+
+CHECKPOINT_NAMES = {"latest": "latest.pt", "min_loss": "min_loss.pt", "best": "best.pt"}
+
+
+def list_runs(checkpoints_dir: Path, model: str) -> list[Path]:
+    """Run directories of ``model`` that hold a latest.pt, newest first."""
+    base = Path(checkpoints_dir) / model
+    if not base.is_dir():
+        return []
+    runs = [d for d in base.iterdir() if d.is_dir() and (d / "latest.pt").is_file()]
+    return sorted(runs, key=lambda d: (d / "latest.pt").stat().st_mtime, reverse=True)
+
+
+def find_run_checkpoint(checkpoints_dir: Path, model: str, run: str | None, which: str) -> Path:
+    """The checkpoint file ``resume`` starts from, or one clear error saying what exists."""
+    base = Path(checkpoints_dir) / model
+    if run is not None:
+        if "/" in run or "\\" in run or run in (".", ".."):
+            raise UserError(f"--run {run!r} is not a run name.")
+        run_dir = base / run
+        if not run_dir.is_dir():
+            others = [d.name for d in list_runs(checkpoints_dir, model)]
+            raise UserError(
+                f"No {model} run named {run!r} in {str(base)!r}.",
+                hint=f"Existing runs: {', '.join(others[:5])}." if others else "There are no runs of this model there.",
+            )
+    else:
+        runs = list_runs(checkpoints_dir, model)
+        if not runs:
+            raise UserError(
+                f"No {model} runs in {str(base)!r}.",
+                hint="Check --checkpoints-dir / CHECKPOINTS_DIR, or start one with `facecli train`.",
+            )
+        run_dir = runs[0]
+    path = run_dir / CHECKPOINT_NAMES[which]
+    if not path.is_file():
+        raise UserError(f"Run {str(run_dir)!r} has no {path.name}.", hint="Try --from latest.")
+    return path

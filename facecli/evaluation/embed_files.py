@@ -1,0 +1,172 @@
+"""``facecli embed``: embeddings of a user's own images, and a same/different answer.
+
+Paths named on the command line are the user's explicit choice and are read as given.
+Folders are walked recursively, but a symlink inside a folder that points outside it is
+not followed: naming a folder must not make facecli read files elsewhere.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from facecli.data.images import Preprocess, decode_image, is_image_file
+from facecli.errors import ImageError, UserError
+from facecli.evaluation.embedding import embed_dataset
+
+
+def collect_images(paths: Sequence[Path]) -> tuple[list[Path], list[str], list[str]]:
+    """(image files, their landmark keys, problems): files as given, folders recursively."""
+    files: list[Path] = []
+    keys: list[str] = []
+    problems: list[str] = []
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            root = p.resolve()
+            for dirpath, dirnames, filenames in os.walk(p, followlinks=False):
+                dirnames.sort()
+                for name in sorted(filenames):
+                    f = Path(dirpath) / name
+                    if not is_image_file(f):
+                        continue
+                    if not f.resolve().is_relative_to(root):
+                        problems.append(f"{f}: links outside {p}; not read")
+                        continue
+                    files.append(f)
+                    keys.append(f.relative_to(p).as_posix())
+        elif p.is_file():
+            files.append(p)
+            keys.append(p.name)
+        else:
+            problems.append(f"{p}: no such file or folder")
+    return files, keys, problems
+
+
+class _Files(Dataset):
+    """Image files, optionally aligned by 5-point landmarks first."""
+
+    def __init__(self, files, keys, preprocess: Preprocess, landmarks: dict | None):
+        self.files, self.keys, self.preprocess, self.landmarks = files, keys, preprocess, landmarks
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        path = self.files[i]
+        try:
+            if self.landmarks is None:
+                img = decode_image(path, self.preprocess.image_size, self.preprocess.crop_fraction)
+            else:
+                img = self._aligned(path, self.keys[i])
+        except ImageError as e:
+            return None, i, str(e)
+        return img, i, None
+
+    def _aligned(self, path: Path, key: str):
+        from PIL import Image, UnidentifiedImageError
+
+        from facecli.align import align_face
+
+        points = self.landmarks.get(key)
+        if points is None:
+            points = self.landmarks.get(Path(key).name)
+        if points is None:
+            raise ImageError(f"{path}: no landmarks for {key!r} in the landmarks file.")
+        try:
+            with Image.open(path) as im:
+                aligned = align_face(im, points, size=self.preprocess.image_size)
+        except (OSError, UnidentifiedImageError, ValueError) as e:
+            raise ImageError(f"{path}: not a readable image ({e}).") from e
+        buf = io.BytesIO()
+        aligned.save(buf, format="PNG")
+        # aligned faces are already the network's crop: no further centre crop
+        return decode_image(buf.getvalue(), self.preprocess.image_size, 1.0, where=str(path))
+
+
+@dataclass
+class EmbedResult:
+    paths: list[Path]
+    embeddings: np.ndarray  # (N, D) float32, unit rows, only readable images
+    problems: list[str] = field(default_factory=list)
+    forward_passes: int = 0
+
+
+def embed_files(
+    model,
+    paths: Sequence[Path],
+    device,
+    flip: bool = True,
+    batch_size: int | None = None,
+    workers: int = 0,
+    landmarks_file: Path | None = None,
+    progress: Callable[[str, int], Callable[[int], None]] | None = None,
+) -> EmbedResult:
+    files, keys, problems = collect_images(paths)
+    if not files:
+        raise UserError("No images found in " + ", ".join(str(p) for p in paths) + ".", hint="Pass image files or folders holding .jpg/.png images.")
+    landmarks = None
+    if landmarks_file is not None:
+        from facecli.align import read_landmarks
+
+        landmarks = read_landmarks(landmarks_file)
+    advance = progress("embedding", len(files)) if progress else None
+    emb = embed_dataset(model.net, model.preprocess, _Files(files, keys, model.preprocess, landmarks), device, flip, batch_size, workers, advance)
+    problems = problems + emb.bad
+    ok = emb.ok
+    return EmbedResult([f for f, good in zip(files, ok) if good], emb.vectors[ok].astype(np.float32), problems, emb.forward_passes)
+
+
+def write_embeddings(result: EmbedResult, out: Path) -> Path:
+    """``.npz`` (embeddings + paths), ``.npy`` (embeddings) or ``.csv`` (path, values) by suffix."""
+    out = Path(out)
+    suffix = out.suffix.lower()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    paths = np.array([str(p) for p in result.paths])
+    if suffix == ".npz":
+        np.savez(out, embeddings=result.embeddings, paths=paths)
+    elif suffix == ".npy":
+        np.save(out, result.embeddings)
+    elif suffix == ".csv":
+        with out.open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["path"] + [f"e{i}" for i in range(result.embeddings.shape[1])])
+            for p, row in zip(paths, result.embeddings):
+                w.writerow([p] + [f"{v:.8g}" for v in row])
+    else:
+        raise UserError(f"Unknown output format {out.suffix!r} for --out {out}.", hint="Use .npz, .npy or .csv.")
+    return out
+
+
+def run_embed(checkpoint, paths, out, compare, landmarks, flip, batch_size, device, workers, progress) -> int:
+    """The ``embed`` command's work; returns the exit status (1 if any image was unreadable)."""
+    from facecli.engine.checkpoint import load_model
+    from facecli.ui import console, warn
+
+    model = load_model(checkpoint, device=device)
+    result = embed_files(model, paths, device, flip, batch_size, workers, landmarks, progress)
+    for problem in result.problems:
+        warn(f"skipped {problem}")
+    if compare:
+        if len(result.paths) != 2:
+            raise UserError(f"--compare needs exactly two readable images, got {len(result.paths)}.")
+        similarity = float(np.dot(result.embeddings[0].astype(np.float64), result.embeddings[1].astype(np.float64)))
+        console.print(f"cosine similarity: {similarity:.4f}", markup=False)
+        if model.threshold is None:
+            raise UserError(
+                f"{checkpoint} stores no verification threshold, so same/different cannot be decided.",
+                hint=f"Run `facecli tune-threshold {checkpoint} --save` first.",
+            )
+        verdict = "same" if similarity >= model.threshold else "different"
+        console.print(f"{verdict} (threshold {model.threshold:.4f})", markup=False)
+    else:
+        target = write_embeddings(result, out or Path("embeddings.npz"))
+        console.print(f"Wrote {len(result.paths)} embeddings ({result.embeddings.shape[1]}-d) to {target}", markup=False)
+    return 1 if result.problems else 0

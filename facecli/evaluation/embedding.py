@@ -1,0 +1,122 @@
+"""Embedding images with a trained network: each distinct image exactly once.
+
+Pairs files name the same image many times (View 2's 6,000 pairs touch 7,701 distinct
+images). The evaluator embeds the distinct images once, with flip test-time augmentation
+``normalise(f(x) + f(flip x))`` by default, and scores every pair from that table: the
+number of network forward passes is the number of distinct images (x2 with flip), not a
+multiple of the pair count, let alone of a threshold grid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from facecli.data.folders import ImageFiles, collate_samples
+from facecli.data.images import Preprocess, normalize_batch
+
+
+@dataclass
+class Embeddings:
+    vectors: np.ndarray  # (N, D) float32, L2-normalised; rows of unreadable images are NaN
+    forward_passes: int
+    bad: list[str] = field(default_factory=list)
+    ok: np.ndarray | None = None  # (N,) bool: the image was decoded
+
+
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def default_batch_size(device: torch.device) -> int:
+    """Evaluation has no gradients: a GPU takes far larger batches than training."""
+    return 1024 if device.type == "cuda" else 128
+
+
+@torch.inference_mode()
+def embed_dataset(
+    net: torch.nn.Module,
+    preprocess: Preprocess,
+    dataset: Dataset,
+    device: torch.device | str = "cpu",
+    flip: bool = True,
+    batch_size: int | None = None,
+    workers: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> Embeddings:
+    """Embed every sample of a dataset yielding ``(image, index, bad)``."""
+    device = torch.device(device)
+    n = len(dataset)
+    batch_size = batch_size or default_batch_size(device)
+    was_training = net.training
+    net.eval()
+    dim = None
+    out: np.ndarray | None = None
+    ok = np.zeros(n, dtype=bool)
+    bad: list[str] = []
+    passes = 0
+    loader_kwargs = dict(batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate_samples, pin_memory=device.type == "cuda")
+    if workers > 0:
+        loader_kwargs.update(prefetch_factor=4, worker_init_fn=_one_thread)
+    dtype = _autocast_dtype(device)
+    channels_last = device.type == "cuda"
+    try:
+        for images, index, reasons in DataLoader(dataset, **loader_kwargs):
+            bad.extend(reasons)
+            if images.shape[0]:
+                x = normalize_batch(images.to(device, non_blocking=True), preprocess)
+                if flip:
+                    x = torch.cat([x, x.flip(3)])
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                    z = net(x).float()
+                passes += x.shape[0]
+                if flip:
+                    b = images.shape[0]
+                    z = z[:b] + z[b:]
+                z = F.normalize(z, dim=1).cpu().numpy()
+                if out is None:
+                    dim = z.shape[1]
+                    out = np.full((n, dim), np.nan, dtype=np.float32)
+                idx = index.numpy()
+                out[idx] = z
+                ok[idx] = True
+            if progress:
+                progress(len(index) + len(reasons))
+    finally:
+        net.train(was_training)
+    if out is None:
+        out = np.full((n, 1), np.nan, dtype=np.float32)
+    return Embeddings(vectors=out, forward_passes=passes, bad=bad, ok=ok)
+
+
+def embed_paths(
+    net: torch.nn.Module,
+    preprocess: Preprocess,
+    paths: Sequence,
+    device: torch.device | str = "cpu",
+    flip: bool = True,
+    batch_size: int | None = None,
+    workers: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> Embeddings:
+    return embed_dataset(net, preprocess, ImageFiles(paths, preprocess), device, flip, batch_size, workers, progress)
+
+
+def pair_scores(vectors: np.ndarray, index_a: np.ndarray, index_b: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each pair from the table of unit embeddings."""
+    a = vectors[np.asarray(index_a)].astype(np.float64)
+    b = vectors[np.asarray(index_b)].astype(np.float64)
+    return np.einsum("ij,ij->i", a, b)
+
+
+def _one_thread(_: int) -> None:
+    torch.set_num_threads(1)

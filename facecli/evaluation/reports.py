@@ -1,0 +1,165 @@
+"""What people look at: rich tables of verification figures, and PNG pictures.
+
+Pictures: the ROC curve (log-scale false-accept axis, as face papers draw it), the
+histogram of same/different scores with the chosen threshold, and accuracy versus
+threshold. matplotlib runs headless (Agg); it is imported only when a picture is drawn.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from rich.table import Table
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None or not np.isfinite(x) else f"{100 * x:.2f}%"
+
+
+def verification_table(report, title: str = "LFW verification (10-fold)") -> Table:
+    t = Table(title=title)
+    t.add_column("fold", justify="right")
+    t.add_column("accuracy", justify="right")
+    t.add_column("threshold", justify="right")
+    for i, (acc, thr) in enumerate(zip(report.fold_accuracies, report.fold_thresholds), 1):
+        t.add_row(str(i), _pct(acc), f"{thr:.4f}")
+    t.add_section()
+    t.add_row("mean ± std", f"{100 * report.accuracy:.2f} ± {100 * report.accuracy_std:.2f}%", "")
+    t.add_row("AUC", f"{report.auc:.4f}" if np.isfinite(report.auc) else "n/a", "")
+    t.add_row("EER", _pct(report.eer), "")
+    for far in sorted(report.tar_at_far):
+        t.add_row(f"TAR@FAR={far:g}", _pct(report.tar_at_far[far]), "")
+    return t
+
+
+def summary_table(rows: Sequence[tuple[str, object]], title: str) -> Table:
+    """One row per evaluated set: name, accuracy ± std, AUC, EER, TAR@FAR=1e-3, pairs."""
+    t = Table(title=title)
+    for col in ("set", "accuracy", "AUC", "EER", "TAR@FAR=1e-3", "pairs"):
+        t.add_column(col, justify="left" if col == "set" else "right")
+    for name, r in rows:
+        t.add_row(
+            name,
+            f"{100 * r.accuracy:.2f} ± {100 * r.accuracy_std:.2f}%",
+            f"{r.auc:.4f}" if np.isfinite(r.auc) else "n/a",
+            _pct(r.eer),
+            _pct(r.tar_at_far.get(1e-3)),
+            str(int(getattr(r, "pairs", 0))),
+        )
+    return t
+
+
+def threshold_table(candidates: np.ndarray, accuracies: np.ndarray, chosen: float, rows: int = 11) -> Table:
+    """Accuracy at evenly spread thresholds around the chosen one (the curve, in text)."""
+    t = Table(title="Accuracy versus threshold (View 1 training pairs)")
+    t.add_column("threshold", justify="right")
+    t.add_column("accuracy", justify="right")
+    finite = np.isfinite(candidates)
+    c, a = candidates[finite], accuracies[finite]
+    if len(c) == 0:
+        return t
+    lo, hi = np.quantile(c, [0.02, 0.98])
+    picks = np.unique(np.searchsorted(c, np.linspace(lo, hi, rows)).clip(0, len(c) - 1))
+    for i in picks:
+        mark = " ◀" if abs(c[i] - chosen) < 1e-12 else ""
+        t.add_row(f"{c[i]:.4f}", f"{100 * a[i]:.2f}%{mark}")
+    j = int(np.argmin(np.abs(c - chosen)))
+    t.add_section()
+    t.add_row(f"{chosen:.4f} (chosen)", f"{100 * a[j]:.2f}%")
+    return t
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_roc(report, path: Path, title: str = "ROC") -> Path:
+    plt = _plt()
+    fpr, tpr = report.roc[0], report.roc[1]
+    fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
+    ax.plot(np.clip(fpr, 1e-5, 1), tpr, lw=1.5)
+    ax.set_xscale("log")
+    ax.set_xlim(1e-4, 1)
+    ax.set_ylim(0, 1.01)
+    ax.set_xlabel("false accept rate")
+    ax.set_ylabel("true accept rate")
+    ax.set_title(f"{title}: AUC {report.auc:.4f}, EER {100 * report.eer:.2f}%")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def save_histogram(scores: np.ndarray, issame: np.ndarray, path: Path, threshold: float | None = None, title: str = "Scores") -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
+    bins = np.linspace(float(np.min(scores)), float(np.max(scores)) + 1e-9, 60)
+    ax.hist(scores[issame], bins=bins, alpha=0.6, label="same person")
+    ax.hist(scores[~issame], bins=bins, alpha=0.6, label="different people")
+    if threshold is not None:
+        ax.axvline(threshold, color="k", ls="--", lw=1, label=f"threshold {threshold:.3f}")
+    ax.set_xlabel("cosine similarity")
+    ax.set_ylabel("pairs")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def save_threshold_curve(candidates: np.ndarray, accuracies: np.ndarray, chosen: float, path: Path) -> Path:
+    plt = _plt()
+    finite = np.isfinite(candidates)
+    fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
+    ax.plot(candidates[finite], accuracies[finite], lw=1.2)
+    ax.axvline(chosen, color="k", ls="--", lw=1, label=f"chosen {chosen:.3f}")
+    ax.set_xlabel("threshold (same iff score >= t)")
+    ax.set_ylabel("accuracy")
+    ax.set_title("Accuracy versus threshold")
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def save_loss_curve(metrics_jsonl: Path, path: Path) -> Path | None:
+    """Training loss per logged step, from a run's metrics.jsonl."""
+    import json
+
+    steps, losses = [], []
+    try:
+        for line in Path(metrics_jsonl).read_text().splitlines():
+            rec = json.loads(line)
+            if rec.get("loss") is not None and "step" in rec:
+                steps.append(rec["step"])
+                losses.append(rec["loss"])
+    except (OSError, ValueError):
+        return None
+    if not steps:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
+    ax.plot(steps, losses, lw=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title("Training loss")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,365 @@
+"""Margin heads (CosFace, ArcFace, SphereFace, CurricularFace) and the FaceNet triplet loss.
+
+A head maps embeddings to float32 logits ``(B, C)`` whose cross-entropy with the labels is
+the training loss. Every head shares one pipeline, kept cheap on purpose:
+
+1. ``cosine``: cos = clamp(normalize(x) @ normalize(W)^T, -1, 1) in float32, autocast off,
+   because margins near cos = +-1 are destroyed by bf16/fp16 rounding;
+2. ``logits_from_cos``: ``s * cos`` for every column, then only the B target values
+   (gathered, transformed, scattered back) get the margin. Trigonometry is never run over
+   the whole (B, C) matrix, which would dominate the step time for large C.
+
+``logits_from_cos`` also takes labels equal to -1 (the target column is not in this cos
+matrix) so a class-sharded head can reuse it on its slice of W.
+
+Adding a loss is one class decorated with ``@register_head("name")``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from facecli.errors import UserError
+
+__all__ = [
+    "HEADS",
+    "MarginHead",
+    "CosFace",
+    "ArcFace",
+    "SphereFace",
+    "CurricularFace",
+    "register_head",
+    "build_head",
+    "semihard_triplet_loss",
+]
+
+HEADS: dict[str, type["MarginHead"]] = {}
+
+# Keeps the derivative of arccos / sqrt(1 - c^2) finite at exactly |c| = 1. In float32 this is
+# one ulp below 1, so only |cos| == 1 itself is moved (by 1.2e-7).
+_EDGE = 2.0**-23
+_SIN2_FLOOR = 1e-12
+
+
+def register_head(name: str) -> Callable[[type["MarginHead"]], type["MarginHead"]]:
+    """Class decorator: make a ``MarginHead`` subclass available to ``build_head`` as ``name``."""
+
+    def decorate(cls: type[MarginHead]) -> type[MarginHead]:
+        if not (isinstance(cls, type) and issubclass(cls, MarginHead)):
+            raise TypeError(f"@register_head({name!r}) must decorate a MarginHead subclass, got {cls!r}")
+        if name in HEADS and HEADS[name] is not cls:
+            raise ValueError(f"a margin head named {name!r} is already registered ({HEADS[name].__name__})")
+        cls.name = name
+        HEADS[name] = cls
+        return cls
+
+    return decorate
+
+
+def _no_autocast(device: torch.device):
+    """Context that disables autocast for ``device`` (a no-op where autocast does not exist)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _real(value, what: str, head: str) -> float:
+    """``value`` as a finite float, or a UserError naming the head and the option."""
+    if isinstance(value, bool):
+        raise UserError(f"{head}: {what} must be a number, got {value!r}.")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{head}: {what} must be a number, got {value!r}.") from None
+    if not math.isfinite(number):
+        raise UserError(f"{head}: {what} must be finite, got {value!r}.")
+    return number
+
+
+class MarginHead(nn.Module):
+    """Normalised linear classifier whose target logit gets an angular or additive margin.
+
+    Subclasses set ``default_scale``/``default_margin``, ``margin_rule`` (text for errors) and
+    implement ``_margin_ok`` and ``_target`` (the margin transform of cos_y, on B values).
+    """
+
+    name: str = ""
+    default_scale: float = 64.0
+    default_margin: float = 0.0
+    margin_rule: str = ""
+
+    def __init__(
+        self,
+        embedding_dim: int,
+        num_classes: int,
+        scale: float | None = None,
+        margin: float | None = None,
+    ):
+        super().__init__()
+        label = self.name or type(self).__name__
+        for what, value in (("embedding_dim", embedding_dim), ("num_classes", num_classes)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise UserError(f"{label}: {what} must be a positive integer, got {value!r}.")
+        scale = self.default_scale if scale is None else _real(scale, "scale", label)
+        margin = self.default_margin if margin is None else _real(margin, "margin", label)
+        if scale <= 0:
+            raise UserError(f"{label}: scale must be > 0, got {scale:g}.", hint="Typical values are 30-64.")
+        if not self._margin_ok(margin):
+            raise UserError(
+                f"{label}: margin {margin:g} is out of range; it must be {self.margin_rule}.",
+                hint=f"The default is {self.default_margin:g}.",
+            )
+        self.embedding_dim = int(embedding_dim)
+        self.num_classes = int(num_classes)
+        self.scale = float(scale)
+        self.margin = float(margin)
+        self.weight = nn.Parameter(torch.empty(num_classes, embedding_dim))
+        nn.init.normal_(self.weight, 0.0, 0.01)
+
+    # -- to be provided by subclasses ------------------------------------------------------
+    @classmethod
+    def _margin_ok(cls, margin: float) -> bool:
+        raise NotImplementedError
+
+    def _target(self, cos_y: Tensor) -> Tensor:
+        """Margin-adjusted target cosine (before scaling) for the (B,) target cosines."""
+        raise NotImplementedError
+
+    # -- shared pipeline ---------------------------------------------------------------------
+    def cosine(self, embeddings: Tensor) -> Tensor:
+        """float32 cosines (B, C) between embeddings and class weights, clamped to [-1, 1]."""
+        if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_dim:
+            raise ValueError(
+                f"{self.name}: expected embeddings of shape (B, {self.embedding_dim}), got {tuple(embeddings.shape)}"
+            )
+        with _no_autocast(embeddings.device):
+            cos = F.linear(F.normalize(embeddings.float(), dim=1), F.normalize(self.weight.float(), dim=1))
+        return cos.clamp(-1.0, 1.0)
+
+    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        """float32 logits (B, C), scale included; train with cross-entropy against ``labels``."""
+        return self.logits_from_cos(self.cosine(embeddings), labels)
+
+    @staticmethod
+    def _index(cos: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(valid rows, safe column index (B, 1), gathered cos at that index (B,))."""
+        if labels.dim() != 1 or labels.shape[0] != cos.shape[0]:
+            raise ValueError(f"expected labels of shape ({cos.shape[0]},), got {tuple(labels.shape)}")
+        labels = labels.to(device=cos.device, dtype=torch.long)
+        valid = labels >= 0
+        index = labels.clamp_min(0).unsqueeze(1)
+        return valid, index, cos.gather(1, index).squeeze(1)
+
+    def logits_from_cos(self, cos: Tensor, labels: Tensor, target_cos: Tensor | None = None) -> Tensor:
+        """Scaled logits from clamped cosines; rows labelled -1 get no margin (target elsewhere).
+
+        ``target_cos`` is unused by stateless heads (their non-target logits do not depend on cos_y).
+        """
+        valid, index, cos_y = self._index(cos, labels)
+        s = self.scale
+        logits = cos * s
+        # Rows without a local target rewrite column 0 with its own value.
+        new = torch.where(valid, self._target(cos_y) * s, cos_y * s)
+        return logits.scatter_(1, index, new.unsqueeze(1).to(logits.dtype))
+
+    def hparams(self) -> dict:
+        """Hyper-parameters needed to rebuild this head (stored in checkpoints)."""
+        return {"scale": self.scale, "margin": self.margin}
+
+    def extra_repr(self) -> str:
+        extras = ", ".join(f"{k}={v:g}" for k, v in self.hparams().items())
+        return f"embedding_dim={self.embedding_dim}, num_classes={self.num_classes}, {extras}"
+
+
+def _sin_from_cos(cos: Tensor) -> Tensor:
+    """sin(theta) for theta in [0, pi], with a floor so the gradient is finite at |cos| = 1."""
+    return (1.0 - cos * cos).clamp_min(_SIN2_FLOOR).sqrt()
+
+
+@register_head("cosface")
+class CosFace(MarginHead):
+    """Large-margin cosine loss: target s(cos_y - m)."""
+
+    default_scale = 64.0
+    default_margin = 0.35
+    margin_rule = "in [0, 1]"
+
+    @classmethod
+    def _margin_ok(cls, margin: float) -> bool:
+        return 0.0 <= margin <= 1.0
+
+    def _target(self, cos_y: Tensor) -> Tensor:
+        return cos_y - self.margin
+
+
+@register_head("arcface")
+class ArcFace(MarginHead):
+    """Additive angular margin: target s cos(theta_y + m), linear fallback once theta_y + m > pi."""
+
+    default_scale = 64.0
+    default_margin = 0.5
+    margin_rule = "in [0, pi)"
+
+    @classmethod
+    def _margin_ok(cls, margin: float) -> bool:
+        return 0.0 <= margin < math.pi
+
+    def _target(self, cos_y: Tensor) -> Tensor:
+        m = self.margin
+        # cos(theta + m) = cos cos(m) - sin sin(m): exact, and cheaper than acos + cos.
+        phi = cos_y * math.cos(m) - _sin_from_cos(cos_y) * math.sin(m)
+        return torch.where(cos_y > math.cos(math.pi - m), phi, cos_y - m * math.sin(m))
+
+
+@register_head("sphereface")
+class SphereFace(MarginHead):
+    """Feature-normalised A-Softmax (SphereFace revived): target s psi(theta_y), real m >= 1.
+
+    psi(theta) = (-1)^k cos(m theta) - 2k with k = floor(m theta / pi) is monotone decreasing
+    on [0, pi], so the multiplicative margin stays valid for any theta.
+    """
+
+    default_scale = 30.0
+    default_margin = 1.5
+    margin_rule = ">= 1"
+
+    @classmethod
+    def _margin_ok(cls, margin: float) -> bool:
+        return margin >= 1.0
+
+    def _target(self, cos_y: Tensor) -> Tensor:
+        m_theta = self.margin * torch.acos(cos_y.clamp(-1.0 + _EDGE, 1.0 - _EDGE))
+        k = torch.floor(m_theta.detach() / math.pi)
+        sign = 1.0 - 2.0 * torch.remainder(k, 2.0)
+        return sign * torch.cos(m_theta) - 2.0 * k
+
+
+@register_head("curricularface")
+class CurricularFace(MarginHead):
+    """ArcFace target plus adaptive re-weighting of hard negatives (cos_j > cos(theta_y + m)).
+
+    A hard negative's logit becomes s cos_j (t + cos_j), where t tracks the mean target cosine
+    (exponential moving average, updated in training mode only): easy early, harder later.
+    """
+
+    default_scale = 64.0
+    default_margin = 0.5
+    default_momentum = 0.01
+    margin_rule = "in [0, pi)"
+
+    def __init__(
+        self,
+        embedding_dim: int,
+        num_classes: int,
+        scale: float | None = None,
+        margin: float | None = None,
+        momentum: float | None = None,
+    ):
+        super().__init__(embedding_dim, num_classes, scale=scale, margin=margin)
+        momentum = self.default_momentum if momentum is None else _real(momentum, "momentum", self.name)
+        if not 0.0 <= momentum <= 1.0:
+            raise UserError(
+                f"{self.name}: momentum {momentum:g} is out of range; it must be in [0, 1].",
+                hint=f"The default is {self.default_momentum:g}.",
+            )
+        self.momentum = float(momentum)
+        self.register_buffer("t", torch.zeros((), dtype=torch.float32))
+
+    @classmethod
+    def _margin_ok(cls, margin: float) -> bool:
+        return 0.0 <= margin < math.pi
+
+    def logits_from_cos(self, cos: Tensor, labels: Tensor, target_cos: Tensor | None = None) -> Tensor:
+        """As ``MarginHead.logits_from_cos``; rows labelled -1 need their cos_y in ``target_cos``."""
+        valid, index, local_y = self._index(cos, labels)
+        if target_cos is not None:
+            cos_y = torch.where(valid, local_y, target_cos.to(device=cos.device, dtype=cos.dtype))
+        else:  # no host sync to check it: every label must then be a column of ``cos``
+            cos_y = local_y
+        m, s = self.margin, self.scale
+        cos_m = cos_y * math.cos(m) - _sin_from_cos(cos_y) * math.sin(m)
+        target = torch.where(cos_y > math.cos(math.pi - m), cos_m, cos_y - m * math.sin(m))
+
+        if self.training and cos.shape[0]:
+            with torch.no_grad():
+                self.t.copy_(self.momentum * cos_y.detach().float().mean() + (1.0 - self.momentum) * self.t.float())
+        t = self.t.to(cos.dtype)
+
+        threshold = cos_m.detach().unsqueeze(1)
+        logits = torch.where(cos > threshold, cos * (t + cos), cos) * s
+        # Rows without a local target rewrite column 0 with its own (possibly modulated) value.
+        keep = torch.where(local_y > threshold.squeeze(1), local_y * (t + local_y), local_y)
+        new = torch.where(valid, target, keep) * s
+        return logits.scatter_(1, index, new.unsqueeze(1).to(logits.dtype))
+
+    def hparams(self) -> dict:
+        return {"scale": self.scale, "margin": self.margin, "momentum": self.momentum}
+
+
+def build_head(name: str, embedding_dim: int, num_classes: int, **hparams) -> MarginHead:
+    """Instantiate the registered head ``name``; hparams set to None take the head's default."""
+    key = str(name).strip().lower()
+    if key not in HEADS:
+        known = ", ".join(sorted(HEADS))
+        raise UserError(f"Unknown loss head {name!r}.", hint=f"Choose one of: {known}.")
+    cls = HEADS[key]
+    given = {k: v for k, v in hparams.items() if v is not None}
+    allowed = {"scale", "margin"} | ({"momentum"} if issubclass(cls, CurricularFace) else set())
+    unknown = sorted(set(given) - allowed)
+    if unknown:
+        raise UserError(
+            f"{key}: option(s) {', '.join(unknown)} do not apply to this head.",
+            hint=f"It accepts: {', '.join(sorted(allowed))}.",
+        )
+    return cls(embedding_dim, num_classes, **given)
+
+
+def semihard_triplet_loss(embeddings: Tensor, labels: Tensor, margin: float = 0.2) -> Tensor:
+    """FaceNet triplet loss with semi-hard negative mining over the batch.
+
+    Squared Euclidean distances d on L2-normalised embeddings. For every ordered pair (a, p)
+    with a != p and the same label, the negative is the closest one farther than p
+    (d_an > d_ap, strictly) or, if there is none, the farthest negative. The loss is the mean
+    of max(d_ap - d_an + margin, 0) over those pairs; anchors without any negative are skipped
+    and a batch without pairs gives a zero that still supports ``backward``.
+    Memory is O(B^2): per anchor, negatives are sorted once and each positive's
+    semi-hard negative is found by binary search.
+    """
+    margin = _real(margin, "margin", "triplet loss")
+    if margin < 0:
+        raise UserError(f"triplet loss: margin must be >= 0, got {margin:g}.", hint="The usual value is 0.2.")
+    if embeddings.dim() != 2:
+        raise ValueError(f"expected embeddings of shape (B, D), got {tuple(embeddings.shape)}")
+    if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
+        raise ValueError(f"expected labels of shape ({embeddings.shape[0]},), got {tuple(labels.shape)}")
+    n = embeddings.shape[0]
+    labels = labels.to(embeddings.device)
+    with _no_autocast(embeddings.device):
+        x = F.normalize(embeddings.float(), dim=1)
+        sq = (x * x).sum(1)
+        d = (sq.unsqueeze(1) + sq.unsqueeze(0) - 2.0 * (x @ x.T)).clamp_min(0.0)
+        same = labels.unsqueeze(1) == labels.unsqueeze(0)
+        eye = torch.eye(n, dtype=torch.bool, device=x.device)
+        negative = ~same
+        n_neg = negative.sum(1)
+        positive = same & ~eye & (n_neg > 0).unsqueeze(1)
+
+        # Row a: negatives' distances ascending, non-negatives (+inf) last.
+        neg_d = torch.where(negative, d.detach(), torch.full_like(d, math.inf))
+        sorted_d, order = neg_d.sort(dim=1)
+        # Column p: position of the first negative with d_an > d_ap (strict: right=True).
+        pos = torch.searchsorted(sorted_d, d.detach().contiguous(), right=True)
+        last = (n_neg - 1).clamp_min(0).unsqueeze(1)
+        pos = torch.where(pos < n_neg.unsqueeze(1), pos, last)
+        d_an = d.gather(1, order.gather(1, pos))
+
+        terms = F.relu(d - d_an + margin)
+        count = positive.sum()
+        return torch.where(positive, terms, torch.zeros_like(terms)).sum() / count.clamp_min(1)
