@@ -7,6 +7,7 @@ import io
 import os
 import pickle
 import pickletools
+import re
 import struct
 
 import numpy as np
@@ -48,7 +49,7 @@ def test_roundtrip_insightface_layout(tmp_path, protocol):
     bins, issame = pickle.loads(raw, encoding="bytes")
     assert bins == IMAGES and issame == ISSAME
     if protocol == 2:
-        assert _globals(raw) == ["_codecs.encode"] * len(IMAGES)  # how py3 pickles bytes at protocol 2
+        assert set(_globals(raw)) == {"_codecs.encode"}  # how py3 pickles bytes at protocol 2
     s = read_bin(path)
     assert isinstance(s, BinSet)
     assert s.name == "lfw" and s.num_pairs == 3
@@ -141,7 +142,8 @@ def test_malicious_pickles_are_refused_without_running(tmp_path, protocol):
             read_bin(path)
         msg = str(err.value)
         assert str(path) in msg and "refusing" in msg
-        assert ("system" in msg) if name == "system.bin" else ("builtins.eval" in msg)
+        forbidden = r"(posix|nt|os)\.system" if name == "system.bin" else r"(__builtin__|builtins)\.eval"
+        assert re.search(forbidden, msg), msg
         assert not marker.exists()
 
 

@@ -144,6 +144,20 @@ def test_writer_reader_roundtrip_with_magic_inside(tmp_path):
     assert header.flag == 2 and rest == 0
 
 
+def test_unsorted_idx_keys(tmp_path):
+    with RecordIOWriter(tmp_path / "u.rec") as w:
+        for key in (9, 2, 5):
+            w.write(key, pack_record(float(key), id=key, payload=bytes([key]) * key))
+    reader = RecordIOReader(tmp_path / "u.rec")
+    assert reader.keys.tolist() == [9, 2, 5]  # file order kept
+    assert reader.contains_all(np.array([2, 3, 5, 9, 10])).tolist() == [True, False, True, True, False]
+    for key in (2, 5, 9):
+        header, payload = unpack_record(reader.read(key))
+        assert header.label == float(key) and payload == bytes([key]) * key
+    with pytest.raises(UserError, match="no record with key 3"):
+        reader.read(3)
+
+
 def test_reader_is_picklable_and_reopens(tmp_path):
     with RecordIOWriter(tmp_path / "t.rec") as w:
         w.write(0, pack_record(0.0, payload=b"abc"))

@@ -100,7 +100,7 @@ class IdentityFolderDataset(Dataset):
         self.empty_files: list[str] = []
         for label, name in enumerate(self.classes):
             folder = self.root / name
-            files = sorted(e for e in os.scandir(folder) if e.is_file() and is_image_file(Path(e.name)))
+            files = sorted((e for e in os.scandir(folder) if e.is_file() and is_image_file(Path(e.name))), key=lambda e: e.name)
             good = 0
             for entry in files:
                 if entry.stat().st_size == 0:

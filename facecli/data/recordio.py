@@ -753,7 +753,9 @@ def pack_folders(
     ``out_dir``. Identities sorted by name get labels 0..C-1 (folders with no readable
     image are left out); files are sorted by name. JPEG bytes are stored unchanged.
     ``progress(done, total)`` is called after each image file. Files appear atomically:
-    a failed pack leaves no partial ``train.rec`` behind.
+    a failed pack leaves no partial ``train.rec`` behind. (Identity ranges are float32 in
+    this format, exact up to 2**24 images; larger packs are still read correctly, from
+    the labels of the image records.)
     """
     src = Path(src_dir)
     out = Path(out_dir)

@@ -46,10 +46,10 @@ def library_versions() -> dict[str, str]:
     import torchvision
 
     return {
-        "facecli": __version__,
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "numpy": numpy.__version__,
+        "facecli": str(__version__),
+        "torch": str(torch.__version__),  # a TorchVersion object would not load with weights_only
+        "torchvision": str(torchvision.__version__),
+        "numpy": str(numpy.__version__),
         "python": platform.python_version(),
     }
 
@@ -79,12 +79,22 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
+
+
 def atomic_write(path: str | os.PathLike, write) -> None:
     """Call ``write(fileobj)`` on a temporary file, then rename it to ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide checkpoints from the team
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
