@@ -207,6 +207,7 @@ def train(
     checkpoints_dir: Optional[Path] = typer.Option(None, help="Where runs are written (default: CHECKPOINTS_DIR or ./checkpoints)."),
     run_name: Optional[str] = typer.Option(None, help="Run directory name (default: a timestamp)."),
     checkpoint_every: int = typer.Option(0, help="Also save latest.pt every N steps (0: at epoch ends only)."),
+    log_every: int = typer.Option(10, help="Log loss, lr and images/s to metrics.jsonl (and W&B) every N steps."),
     eval: bool = typer.Option(True, "--eval/--no-eval", help="Tune the threshold on View 1 and report View 2 at the end."),
     eval_every: int = typer.Option(0, help="Evaluate View 1 every N epochs and keep best.pt (0: never)."),
     val_bin: List[Path] = typer.Option([], "--val-bin", help="insightface .bin sets to evaluate (repeatable)."),
@@ -257,6 +258,7 @@ def train(
         run_name=run_name,
         checkpoints_dir=str(checkpoints_dir or settings.checkpoints_dir),
         checkpoint_every=checkpoint_every,
+        log_every=log_every,
         eval=eval,
         eval_every=eval_every,
         val_bins=[str(p) for p in val_bin],
@@ -350,7 +352,12 @@ def synth(
         out_dir, identities=identities, test_identities=test_identities, images_per_identity=images_per_identity,
         image_size=image_size, seed=seed, progress=advance,
     )
-    console.print(f"Wrote {summary}", markup=False)
+    console.print(
+        f"Wrote {summary.train_images:,} training images of {summary.train_identities} identities to {summary.train_dir}\n"
+        f"and {summary.test_images:,} LFW-style images of {summary.test_identities} held-out people to {summary.lfw_dir}\n"
+        f"(View 2: 10 folds x {2 * summary.pairs_per_fold} pairs; View 1: {summary.dev_train_pairs} dev-train, {summary.dev_test_pairs} dev-test pairs).",
+        markup=False,
+    )
     console.print(f"Train with: facecli train arcface --dataset-path {str(out_dir)!r}", markup=False)
 
 
@@ -542,9 +549,8 @@ def pack(
 
         summary = pack_folders(src_dir, out_dir, advance, overwrite=overwrite)
     console.print(f"Packed {summary.num_images} images of {summary.num_classes} identities into {summary.out_dir}", markup=False)
-    skipped = getattr(summary, "skipped", None)
-    if skipped:
-        warn(f"Skipped {len(skipped)} unreadable image(s), e.g. {skipped[0]}.")
+    if summary.skipped:  # a count; the reasons are in skipped_files
+        warn(f"Skipped {summary.skipped} unreadable image(s), e.g. {summary.skipped_files[0]}.")
 
 
 @app.command()
@@ -638,7 +644,31 @@ def _positive(value: int | None, flag: str) -> None:
 def main() -> None:
     if os.environ.get("OMP_NUM_THREADS") is None and os.environ.get("LOCAL_WORLD_SIZE"):
         os.environ["OMP_NUM_THREADS"] = "1"
-    app(prog_name="facecli")
+    try:
+        app(prog_name="facecli")
+    except SystemExit as e:
+        _exit_now_if_wandb_left_running(e.code)
+        raise
+    _exit_now_if_wandb_left_running(0)
+
+
+def _exit_now_if_wandb_left_running(code) -> None:
+    """Exit without wandb's exit hook when W&B was left behind at the end of a run.
+
+    That hook waits for wandb's service process, which waits out an unreachable or slow
+    host (tens of seconds); the tracker already gave up on it with a warning, and the
+    service process ends by itself when facecli is gone. Everything facecli writes is
+    already on disk (checkpoints fsync'ed, metrics appended line by line).
+    """
+    tracking = sys.modules.get("facecli.engine.tracking")
+    if tracking is None or not tracking.wandb_left_running():
+        return
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code if isinstance(code, int) else (0 if code is None else 1))
 
 
 if __name__ == "__main__":

@@ -284,9 +284,9 @@ def test_identities_restriction(packed):
     ds = RecordIODataset(out, identities=["carol", "alice"])
     assert ds.classes == ["carol", "alice"]
     assert len(ds) == 6
-    assert ds.labels.tolist() == [1, 1, 1, 0, 0, 0]  # key order kept, labels in the given order
-    assert ds.record_keys.tolist() == [1, 2, 3, 8, 9, 10]
-    assert ds[0][1] == 1 and ds[5][1] == 0
+    assert ds.labels.tolist() == [0, 0, 0, 1, 1, 1]  # labels in the given order, samples in label order (like folders)
+    assert ds.record_keys.tolist() == [8, 9, 10, 1, 2, 3]
+    assert ds[0][1] == 0 and ds[5][1] == 1
     with pytest.raises(UserError, match="not in this pack: dave"):
         RecordIODataset(out, identities=["alice", "dave"])
     with pytest.raises(UserError, match="more than once"):

@@ -673,7 +673,10 @@ class RecordIODataset(Dataset):
         remap = np.full(len(classes), -1, dtype=np.int64)
         remap[old] = np.arange(old.size, dtype=np.int64)
         new = remap[labels]
-        keep = new >= 0
+        keep = np.flatnonzero(new >= 0)
+        # Samples in label order (key order within a label), as IdentityFolderDataset lists
+        # them: a pack and its folders then give the same batches for the same seed.
+        keep = keep[np.argsort(new[keep], kind="stable")]
         return keys[keep], new[keep], wanted
 
     # -- contract

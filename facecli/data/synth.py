@@ -6,7 +6,9 @@
     OUT_DIR/Labeled Faces in the Wild (LFW)/lfw_funneled/<Name>/<Name>_<NNNN>.jpg
     OUT_DIR/Labeled Faces in the Wild (LFW)/pairs.txt, pairsDevTrain.txt, pairsDevTest.txt,
         people.txt, peopleDevTrain.txt, peopleDevTest.txt, lfw-names.txt
-    OUT_DIR/facecli-synth.json                                        what wrote it, and how
+    OUT_DIR/facecli-synth.json                      what wrote it, and how; written last, so it
+                                                    means "complete" (an interrupted run leaves
+                                                    .facecli-synth-incomplete instead)
 
 so every loader, the trainer and the LFW protocol run on it exactly as on the real sets.
 The test people are different people from the training ones, as in a real
@@ -52,7 +54,6 @@ import io
 import json
 import math
 import operator
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,7 +67,8 @@ from facecli.errors import UserError
 CASIA_DIR = "CASIA-webface"
 LFW_DIR = "Labeled Faces in the Wild (LFW)"
 LFW_IMAGES = "lfw_funneled"
-MARKER = "facecli-synth.json"
+MARKER = "facecli-synth.json"  # written last: the set is complete
+PARTIAL_MARKER = ".facecli-synth-incomplete"  # written first: the folders are ours, generation not finished
 
 FOLDS = 10
 MAX_PAIRS_PER_FOLD = 300  # real pairs.txt
@@ -713,7 +715,7 @@ def _check_out_dir(out: Path) -> None:
     """Refuse a file, and refuse to overwrite data sets facecli did not write."""
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a directory.", hint="Choose a new or existing folder for OUT_DIR.")
-    if (out / MARKER).is_file():
+    if (out / MARKER).is_file() or (out / PARTIAL_MARKER).is_file():
         return
     for sub in (CASIA_DIR, LFW_DIR):
         d = out / sub
@@ -797,9 +799,16 @@ def generate_synthetic_set(
     train_dir, lfw_dir = out / CASIA_DIR, out / LFW_DIR
     img_dir = lfw_dir / LFW_IMAGES
     ids = casia_ids(identities, seed)
-    casia_w, lfw_w = max(3, len(str(k))), max(4, len(str(k)))
-    casia_files = {i: {f"{n + 1:0{casia_w}d}.jpg" for n in range(k)} for i in ids}
-    lfw_files = {nm: {f"{nm}_{n + 1:0{lfw_w}d}.jpg" for n in range(k)} for nm in names}
+    casia_w, lfw_w = max(3, len(str(k))), max(4, len(str(k)))  # 001.jpg, Name_0001.jpg (1-based)
+
+    def casia_file(_folder: str, n: int) -> str:
+        return f"{n + 1:0{casia_w}d}.jpg"
+
+    def lfw_file(folder: str, n: int) -> str:
+        return f"{folder}_{n + 1:0{lfw_w}d}.jpg"
+
+    casia_files = {i: {casia_file(i, n) for n in range(k)} for i in ids}
+    lfw_files = {nm: {lfw_file(nm, n) for n in range(k)} for nm in names}
 
     marker = {
         "generator": "facecli synth",
@@ -815,9 +824,11 @@ def generate_synthetic_set(
         "train_dir": CASIA_DIR,
         "lfw_dir": LFW_DIR,
     }
+    marker_bytes = (json.dumps(marker, indent=2, sort_keys=True) + "\n").encode("ascii")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        _write(out / MARKER, (json.dumps(marker, indent=2, sort_keys=True) + "\n").encode("ascii"))
+        _write(out / PARTIAL_MARKER, marker_bytes)
+        (out / MARKER).unlink(missing_ok=True)  # until the new set is complete, no marker claims it is
         removed = _prune(train_dir, casia_files, _ID_DIR_RE, lambda _: _ID_FILE_RE)
         removed += _prune(img_dir, lfw_files, _NAME_RE, lambda nm: re.compile(rf"^{re.escape(nm)}_\d{{4,}}\.jpg$"))
         img_dir.mkdir(parents=True, exist_ok=True)
@@ -826,7 +837,7 @@ def generate_synthetic_set(
         raise UserError(f"{out}: cannot prepare the output folder ({e.strerror or e}).",
                         hint="Check the path and its permissions.") from e
 
-    def people(split: int, folders: list[str], root: Path, width: int, fmt) -> None:
+    def people(split: int, folders: list[str], root: Path, file_name: Callable[[str, int], str]) -> None:
         for person, folder in enumerate(folders):
             ident = identity_params(seed, split, person)
             static = _static_shapes(ident)
@@ -836,16 +847,22 @@ def generate_synthetic_set(
             except OSError as e:
                 raise UserError(f"{d}: cannot create ({e.strerror or e}).", hint="Check free disk space and permissions.") from e
             for n in range(k):
-                _write(d / fmt(folder, n + 1, width), face_image_bytes(ident, static, seed, split, person, n, image_size))
+                _write(d / file_name(folder, n), face_image_bytes(ident, static, seed, split, person, n, image_size))
                 if progress is not None:
                     progress(1)
 
-    people(_TRAIN, ids, train_dir, casia_w, lambda _f, n, w: f"{n:0{w}d}.jpg")
-    people(_TEST, names, img_dir, lfw_w, lambda f, n, w: f"{f}_{n:0{w}d}.jpg")
+    people(_TRAIN, ids, train_dir, casia_file)
+    people(_TEST, names, img_dir, lfw_file)
     written = []
     for fname in sorted(texts):
         _write(lfw_dir / fname, texts[fname].encode("ascii"))
         written.append(lfw_dir / fname)
+    _write(out / MARKER, marker_bytes)
+    try:
+        (out / PARTIAL_MARKER).unlink(missing_ok=True)
+    except OSError as e:
+        raise UserError(f"{out / PARTIAL_MARKER}: cannot remove ({e.strerror or e}).",
+                        hint="Check the folder's permissions.") from e
 
     return SynthSummary(
         out_dir=out, train_dir=train_dir, lfw_dir=lfw_dir, lfw_images_dir=img_dir,

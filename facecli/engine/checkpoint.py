@@ -18,6 +18,7 @@ import errno
 import os
 import pickle
 import platform
+import struct
 import tempfile
 import zipfile
 from dataclasses import dataclass
@@ -131,14 +132,19 @@ def load_checkpoint(path: str | os.PathLike, expect_model: str | None = None) ->
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "weights_only" in str(e) or "Unsupported global" in str(e) or "GLOBAL" in str(e):
+        # Every weights-only failure mentions "weights_only"; only a refused global/class means
+        # the file holds Python objects. Anything else (e.g. "Unsupported operand 255" for a
+        # JPEG or text file renamed .pt) is a damaged or foreign file.
+        if "GLOBAL" in str(e) or "add_safe_globals" in str(e):
             raise CheckpointError(
                 f"Refused to load {str(p)!r}: it contains Python objects other than tensors and plain data, "
                 "which could run code when unpickled.",
                 hint="facecli only loads weights; re-save it with facecli or from a trusted source.",
             ) from e
-        raise CheckpointError(f"{str(p)!r} is damaged or not a PyTorch checkpoint ({e}).") from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, AttributeError, KeyError) as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        reason = next((line for line in lines if line.startswith("Unsupported operand")), lines[0] if lines else type(e).__name__)
+        raise CheckpointError(f"{str(p)!r} is damaged or not a PyTorch checkpoint ({reason[:160]}).") from e
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, AttributeError, KeyError, IndexError, struct.error) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(f"{str(p)!r} is damaged or not a PyTorch checkpoint ({first[:160]}).") from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:

@@ -64,7 +64,7 @@ class TrainConfig:
             self.embedding_dim = 128 if self.model == "facenet" else 512
         if self.lr is None:
             self.lr = 1e-3 if self.optimizer == "adamw" else 0.1
-        for name in ("epochs", "batch_size", "image_size", "embedding_dim", "eval_batch_size", "keep_epochs"):
+        for name in ("epochs", "batch_size", "image_size", "embedding_dim", "eval_batch_size", "keep_epochs", "log_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {value}.")
@@ -89,6 +89,10 @@ class TrainConfig:
                 raise UserError("--sharded-head applies to margin heads, not FaceNet.")
         elif self.curricular_momentum is not None and self.model != "curricularface":
             raise UserError("--curricular-momentum applies to curricularface only.")
+        else:
+            from facecli.losses import build_head
+
+            build_head(self.model, 2, 2, **self.head_hparams())  # range checks before any data is read
 
     def head_hparams(self) -> dict[str, Any]:
         hp: dict[str, Any] = {"scale": self.scale, "margin": self.margin}

@@ -19,6 +19,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 SECRET_KEYS = {"wandb_api_key", "WANDB_API_KEY", "api_key"}
+CLOSE_TIMEOUT = 5.0  # seconds the end of a run may wait for W&B to finish
+_LEFT_RUNNING: list[threading.Thread] = []  # W&B workers close() stopped waiting for
+
+
+def wandb_left_running() -> bool:
+    """True when a W&B worker was given up on and is still busy (see ``facecli.cli.main``)."""
+    return any(t.is_alive() for t in _LEFT_RUNNING)
 
 
 def scrub(config: dict) -> dict:
@@ -179,12 +186,33 @@ class WandbTracker:
     def image(self, key: str, path: Path, step: int) -> None:
         self._put(("image", (key, Path(path), int(step))))
 
-    def close(self, timeout: float = 30.0) -> None:
-        try:
-            self._queue.put(None, timeout=1.0)
-        except queue.Full:
-            pass
-        self._thread.join(timeout=timeout)
+    def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
+        """Let W&B finish for at most ``timeout`` seconds; the end of a run never waits longer.
+
+        A W&B that is still starting (unreachable host: its init retries for a while) or
+        still uploading is left behind with one warning; ``metrics.jsonl`` has everything.
+        """
+        deadline = time.monotonic() + timeout
+        while True:  # the stop marker must get in even if the queue is full
+            try:
+                self._queue.put_nowait(None)
+                break
+            except queue.Full:
+                try:
+                    self._queue.get_nowait()  # drop the oldest point instead of waiting
+                except queue.Empty:
+                    pass
+        self._thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        if self._thread.is_alive():
+            self.enabled = False
+            _LEFT_RUNNING.append(self._thread)
+            if not self._warned:
+                self._warned = True
+                self.warn(
+                    f"W&B did not finish within {timeout:g} s (unreachable or slow); not waiting for it. "
+                    f"The run is complete and tracked in metrics.jsonl; upload the local W&B files later with "
+                    f"`wandb sync {self._init_args['dir']}/wandb/latest-run` if you need them online."
+                )
 
 
 class Tracker:

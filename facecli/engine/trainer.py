@@ -91,6 +91,8 @@ class FaceModelForTraining(nn.Module):
         emb = self.net(x)
         if self.head is None:
             return semihard_triplet_loss(emb.float(), labels, margin=self.triplet_margin)
+        if getattr(self.head, "sharded", False):
+            return self.head.loss(emb, labels)  # the global-batch loss, same on every rank
         return F.cross_entropy(self.head(emb, labels), labels)
 
 
@@ -215,16 +217,18 @@ class Trainer:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [self.device.index] if self.device.type == "cuda" else None
-        if self.cfg.sharded_head:
-            # Each rank owns its slice of the class weights; only the network is replicated.
-            self.model.net = nn.SyncBatchNorm.convert_sync_batchnorm(self.model.net) if self.device.type == "cuda" else self.model.net
-            self.model.net = DDP(self.model.net, device_ids=ids)
+        # BatchNorm statistics over the global batch (SyncBatchNorm on CUDA, an all-reduce
+        # BatchNorm on gloo): N processes then compute what one process with the global batch would.
+        if getattr(self.head, "sharded", False):
+            # Each rank owns its slice of the class weights; only the network is replicated. The
+            # sharded loss is the global-batch mean on every rank and each rank's backward gives
+            # its part of the network's gradient: DDP must sum, not average.
+            self.model.net = DDP(dist_utils.convert_sync_batchnorm(self.model.net, self.device), device_ids=ids)
+            self.model.net.register_comm_hook(None, dist_utils.allreduce_sum_hook)
+            self.train_module = self.model
         else:
-            if self.device.type == "cuda":
-                self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+            self.model = dist_utils.convert_sync_batchnorm(self.model, self.device)
             self.train_module = DDP(self.model, device_ids=ids)
-            return
-        self.train_module = self.model
 
     def _net_state(self) -> dict:
         net = self.model.net.module if hasattr(self.model.net, "module") else self.model.net
@@ -252,7 +256,7 @@ class Trainer:
                 "hparams": self.head.hparams() if self.head is not None else {"margin": self.model.triplet_margin},
             },
             head_state=self._head_state(),
-            optimizer_state=self.optimizer.state_dict() if not self.cfg.sharded_head else self._sharded_optimizer_state(),
+            optimizer_state=self._sharded_optimizer_state() if getattr(self.head, "sharded", False) else self.optimizer.state_dict(),
             scaler_state=self.scaler.state_dict(),
             preprocess=self.preprocess.to_dict(),
             classes=list(self.classes),
@@ -308,9 +312,12 @@ class Trainer:
 
     def _save(self, names: list[str], epoch_file: str | None = None) -> None:
         """Write the current state once and link it under every name (all atomic)."""
+        sharded = getattr(self.head, "sharded", False)
+        if not self.world.is_main and not sharded:
+            return
+        ckpt = self._checkpoint()  # sharded head: gathers weights and optimizer state (every rank takes part)
         if not self.world.is_main:
             return
-        ckpt = self._checkpoint()
         first = epoch_file or names[0]
         save_checkpoint(ckpt, self.run_dir / first)
         for name in names:
@@ -426,7 +433,11 @@ class Trainer:
                         loss = None
                     else:
                         loss = self._train_step(images, labels)
-                        loss_value = float(loss.detach())
+                        if self.world.distributed and not getattr(self.head, "sharded", False):
+                            # the global-batch loss; a non-finite loss on any rank stops every rank
+                            loss_value = dist_utils.mean_over_ranks(loss.detach(), self.world)
+                        else:
+                            loss_value = float(loss.detach())
                         if not math.isfinite(loss_value):
                             raise TrainingStopped(
                                 f"Loss became {loss_value} at step {self.step + 1} (epoch {self.epoch + 1}, batch {self.batch_in_epoch + 1}); "
@@ -434,8 +445,7 @@ class Trainer:
                                 f"Try a lower learning rate (e.g. --lr {cfg.lr / 10:g}) and resume or restart.",
                                 exit_code=4,
                             )
-                        backward_loss = loss * self.world.world_size if getattr(self.head, "sharded", False) else loss
-                        self.scaler.scale(backward_loss).backward()
+                        self.scaler.scale(loss).backward()
                         self.scaler.step(self.optimizer)
                         self.scaler.update()
                         last_loss = loss_value
@@ -512,6 +522,7 @@ class Trainer:
                 if self.best_dev_accuracy is None or dev_acc > self.best_dev_accuracy:
                     self.best_dev_accuracy = dev_acc
                     names.append("best.pt")
+            record.update(self._val_bin_accuracies())
         self._save(names, epoch_file=f"epoch_{finished:03d}.pt")
         if self.world.is_main:
             self.history.append(record)
@@ -539,6 +550,23 @@ class Trainer:
         if not self.cfg.lfw_dir:
             return None
         return view1_dev_accuracy(self._eval_net(), self.preprocess, Path(self.cfg.lfw_dir), self.device, self.cfg, warn=self.warn)
+
+    def _val_bin_accuracies(self) -> dict:
+        """``{"<set>/accuracy": ...}`` for every ``--val-bin`` set (10-fold protocol); logged with the epoch."""
+        from facecli.evaluation.runner import evaluate_bin
+
+        out: dict = {}
+        for bin_path in self.cfg.val_bins:
+            try:
+                ev = evaluate_bin(
+                    self._eval_net(), self.preprocess, Path(bin_path), self.device, self.cfg.flip, self.cfg.eval_batch_size, min(self.cfg.workers, 4)
+                )
+            except UserError as e:
+                self.warn(f"{bin_path} skipped: {e}")
+                continue
+            out[f"{ev.name}/accuracy"] = ev.report.accuracy
+            self.log(f"{ev.name}: accuracy {100 * ev.report.accuracy:.2f} ± {100 * ev.report.accuracy_std:.2f}%")
+        return out
 
     def _final_evaluation(self) -> dict:
         from facecli.evaluation.runner import end_of_training_evaluation
