@@ -587,6 +587,9 @@ def demo(
     lr: float = typer.Option(0.1),
     workers: int = typer.Option(2),
     seed: int = typer.Option(0),
+    identities: int = typer.Option(200, help="Synthetic training identities."),
+    test_identities: int = typer.Option(60, help="Synthetic held-out identities."),
+    images_per_identity: int = typer.Option(20, help="Synthetic images per identity."),
 ):
     """The main job on the embedded synthetic set: train on the CPU, show held-out accuracy, trained vs untrained."""
     from rich.table import Table
@@ -595,7 +598,8 @@ def demo(
 
     res = run_demo(
         out_dir, model=model.value, backbone=backbone.value, epochs=epochs, image_size=image_size, batch_size=batch_size,
-        lr=lr, workers=workers, seed=seed, log=_log, warn=warn, progress=_progress_factory, train_progress=_train_progress,
+        lr=lr, workers=workers, seed=seed, identities=identities, test_identities=test_identities,
+        images_per_identity=images_per_identity, log=_log, warn=warn, progress=_progress_factory, train_progress=_train_progress,
     )
     t = Table(title=f"Held-out verification: synthetic LFW View 2, {res.trained['pairs']} pairs, 10-fold")
     for col in ("network", "accuracy", "AUC", "EER"):

@@ -1,13 +1,20 @@
 """Margin heads (CosFace, ArcFace, SphereFace, CurricularFace) and the FaceNet triplet loss.
 
 A head maps embeddings to float32 logits ``(B, C)`` whose cross-entropy with the labels is
-the training loss. Every head shares one pipeline, kept cheap on purpose:
+the training loss. Every head shares one pipeline, kept as cheap as the no-margin floor
+(normalise, one matrix multiply, scale, cross-entropy) on purpose:
 
-1. ``cosine``: cos = clamp(normalize(x) @ normalize(W)^T, -1, 1) in float32, autocast off,
-   because margins near cos = +-1 are destroyed by bf16/fp16 rounding;
+1. cos = normalize(x) @ normalize(W)^T in float32, autocast off, because margins near
+   cos = +-1 are destroyed by bf16/fp16 rounding (``cosine`` also clamps it to [-1, 1]; the
+   training path clamps only the B target values, the only ones a margin formula reads);
 2. ``logits_from_cos``: ``s * cos`` for every column, then only the B target values
    (gathered, transformed, scattered back) get the margin. Trigonometry is never run over
    the whole (B, C) matrix, which would dominate the step time for large C.
+3. The (B, C) part is one fused autograd function (``_MarginLogits``): one pass over the
+   matrix forward and one backward (CurricularFace's hard-negative modulation adds a few),
+   with the margin's derivative at the B targets given by ``_target_and_slope`` (closed
+   form for the built-in heads, forward-mode AD of ``_target`` for any other).
+   No boolean-mask gathers, no full-matrix clamp, no (B, C) gather/scatter gradients.
 
 ``logits_from_cos`` also takes labels equal to -1 (the target column is not in this cos
 matrix) so a class-sharded head can reuse it on its slice of W.
@@ -83,6 +90,46 @@ def _real(value, what: str, head: str) -> float:
     return number
 
 
+class _MarginLogits(torch.autograd.Function):
+    """``s * f(cos)`` with each row's target column replaced by ``s * new``, in few passes over (B, C).
+
+    ``f`` is the identity, or with ``threshold`` (B, 1) and ``t`` CurricularFace's modulation
+    ``cos (t + cos)`` of the entries above the row's threshold. ``new`` (B,) is the row's
+    target value (before scaling) and ``slope`` (B,) its derivative with respect to the row's
+    target cosine ``cos[i, index[i]]``; ``threshold`` and ``t`` get no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, cos, index, new, slope, scale, t, threshold):
+        if threshold is None:
+            hard = None
+            out = cos * scale
+        else:
+            hard = cos > threshold
+            out = torch.where(hard, (cos + t).mul_(cos), cos).mul_(scale)
+        out.scatter_(1, index, (new * scale).unsqueeze(1).to(out.dtype))
+        ctx.scale = scale
+        if hard is None:
+            ctx.save_for_backward(index, slope)
+        else:
+            ctx.save_for_backward(index, slope, cos, hard, t)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        s = ctx.scale
+        if len(ctx.saved_tensors) == 2:
+            index, slope = ctx.saved_tensors
+            g = grad * s
+        else:
+            index, slope, cos, hard, t = ctx.saved_tensors
+            g = torch.add(t * s, cos, alpha=2.0 * s)  # d/dc s c (t + c)
+            g = torch.where(hard, g, s).mul_(grad)
+        g_y = grad.gather(1, index).squeeze(1) * (slope * s)
+        g.scatter_(1, index, g_y.unsqueeze(1).to(g.dtype))
+        return g, None, None, None, None, None, None
+
+
 class MarginHead(nn.Module):
     """Normalised linear classifier whose target logit gets an angular or additive margin.
 
@@ -132,42 +179,58 @@ class MarginHead(nn.Module):
         """Margin-adjusted target cosine (before scaling) for the (B,) target cosines."""
         raise NotImplementedError
 
+    def _target_and_slope(self, cos_y: Tensor) -> tuple[Tensor, Tensor]:
+        """``_target(cos_y)`` and its elementwise derivative d target / d cos_y.
+
+        This default uses forward-mode AD (correct for any elementwise ``_target``, but with
+        a fixed cost of a few milliseconds); the built-in heads override it in closed form.
+        """
+        return torch.func.jvp(self._target, (cos_y,), (torch.ones_like(cos_y),))
+
     # -- shared pipeline ---------------------------------------------------------------------
-    def cosine(self, embeddings: Tensor) -> Tensor:
-        """float32 cosines (B, C) between embeddings and class weights, clamped to [-1, 1]."""
+    def _raw_cosine(self, embeddings: Tensor) -> Tensor:
+        """float32 cosines (B, C), not clamped (|cos| may exceed 1 by rounding)."""
         if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_dim:
             raise ValueError(
                 f"{self.name}: expected embeddings of shape (B, {self.embedding_dim}), got {tuple(embeddings.shape)}"
             )
         with _no_autocast(embeddings.device):
-            cos = F.linear(F.normalize(embeddings.float(), dim=1), F.normalize(self.weight.float(), dim=1))
-        return cos.clamp(-1.0, 1.0)
+            return F.linear(F.normalize(embeddings.float(), dim=1), F.normalize(self.weight.float(), dim=1))
+
+    def cosine(self, embeddings: Tensor) -> Tensor:
+        """float32 cosines (B, C) between embeddings and class weights, clamped to [-1, 1]."""
+        return self._raw_cosine(embeddings).clamp(-1.0, 1.0)
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """float32 logits (B, C), scale included; train with cross-entropy against ``labels``."""
-        return self.logits_from_cos(self.cosine(embeddings), labels)
+        # The target cosines are clamped in logits_from_cos; a full-matrix clamp would only cost passes.
+        return self.logits_from_cos(self._raw_cosine(embeddings), labels)
 
     @staticmethod
     def _index(cos: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(valid rows, safe column index (B, 1), gathered cos at that index (B,))."""
+        """(valid rows, safe column index (B, 1), gathered cos at that index (B,), clamped, no grad)."""
         if labels.dim() != 1 or labels.shape[0] != cos.shape[0]:
             raise ValueError(f"expected labels of shape ({cos.shape[0]},), got {tuple(labels.shape)}")
         labels = labels.to(device=cos.device, dtype=torch.long)
         valid = labels >= 0
         index = labels.clamp_min(0).unsqueeze(1)
-        return valid, index, cos.gather(1, index).squeeze(1)
+        # Detached: _MarginLogits carries the target column's gradient itself.
+        return valid, index, cos.detach().gather(1, index).squeeze(1).clamp(-1.0, 1.0)
 
     def logits_from_cos(self, cos: Tensor, labels: Tensor, target_cos: Tensor | None = None) -> Tensor:
-        """Scaled logits from clamped cosines; rows labelled -1 get no margin (target elsewhere).
+        """Scaled logits from cosines; rows labelled -1 get no margin (target elsewhere).
 
         ``target_cos`` is unused by stateless heads (their non-target logits do not depend on cos_y).
         """
         valid, index, cos_y = self._index(cos, labels)
-        s = self.scale
-        logits = cos * s
+        if cos.requires_grad and torch.is_grad_enabled():
+            target, slope = self._target_and_slope(cos_y)
+            slope = torch.where(valid, slope, torch.ones_like(slope))
+        else:
+            target, slope = self._target(cos_y), None
         # Rows without a local target rewrite column 0 with its own value.
-        new = torch.where(valid, self._target(cos_y) * s, cos_y * s)
-        return logits.scatter_(1, index, new.unsqueeze(1).to(logits.dtype))
+        new = torch.where(valid, target, cos_y)
+        return _MarginLogits.apply(cos, index, new, slope, self.scale, None, None)
 
     def hparams(self) -> dict:
         """Hyper-parameters needed to rebuild this head (stored in checkpoints)."""
@@ -181,6 +244,23 @@ class MarginHead(nn.Module):
 def _sin_from_cos(cos: Tensor) -> Tensor:
     """sin(theta) for theta in [0, pi], with a floor so the gradient is finite at |cos| = 1."""
     return (1.0 - cos * cos).clamp_min(_SIN2_FLOOR).sqrt()
+
+
+def _arc_target(cos_y: Tensor, m: float) -> Tensor:
+    """cos(theta + m), or the linear fallback cos - m sin(m) once theta + m > pi."""
+    # cos(theta + m) = cos cos(m) - sin sin(m): exact, and cheaper than acos + cos.
+    phi = cos_y * math.cos(m) - _sin_from_cos(cos_y) * math.sin(m)
+    return torch.where(cos_y > math.cos(math.pi - m), phi, cos_y - m * math.sin(m))
+
+
+def _arc_target_and_slope(cos_y: Tensor, m: float) -> tuple[Tensor, Tensor]:
+    """``_arc_target`` and its derivative: cos(m) + sin(m) cos / sin (1 on the fallback branch)."""
+    sin2 = 1.0 - cos_y * cos_y
+    sin = sin2.clamp_min(_SIN2_FLOOR).sqrt()
+    phi = cos_y * math.cos(m) - sin * math.sin(m)
+    dphi = math.cos(m) + math.sin(m) * torch.where(sin2 >= _SIN2_FLOOR, cos_y / sin, torch.zeros_like(cos_y))
+    arc = cos_y > math.cos(math.pi - m)
+    return torch.where(arc, phi, cos_y - m * math.sin(m)), torch.where(arc, dphi, torch.ones_like(cos_y))
 
 
 @register_head("cosface")
@@ -198,6 +278,9 @@ class CosFace(MarginHead):
     def _target(self, cos_y: Tensor) -> Tensor:
         return cos_y - self.margin
 
+    def _target_and_slope(self, cos_y: Tensor) -> tuple[Tensor, Tensor]:
+        return cos_y - self.margin, torch.ones_like(cos_y)
+
 
 @register_head("arcface")
 class ArcFace(MarginHead):
@@ -212,10 +295,10 @@ class ArcFace(MarginHead):
         return 0.0 <= margin < math.pi
 
     def _target(self, cos_y: Tensor) -> Tensor:
-        m = self.margin
-        # cos(theta + m) = cos cos(m) - sin sin(m): exact, and cheaper than acos + cos.
-        phi = cos_y * math.cos(m) - _sin_from_cos(cos_y) * math.sin(m)
-        return torch.where(cos_y > math.cos(math.pi - m), phi, cos_y - m * math.sin(m))
+        return _arc_target(cos_y, self.margin)
+
+    def _target_and_slope(self, cos_y: Tensor) -> tuple[Tensor, Tensor]:
+        return _arc_target_and_slope(cos_y, self.margin)
 
 
 @register_head("sphereface")
@@ -235,10 +318,17 @@ class SphereFace(MarginHead):
         return margin >= 1.0
 
     def _target(self, cos_y: Tensor) -> Tensor:
-        m_theta = self.margin * torch.acos(cos_y.clamp(-1.0 + _EDGE, 1.0 - _EDGE))
+        return self._target_and_slope(cos_y)[0]
+
+    def _target_and_slope(self, cos_y: Tensor) -> tuple[Tensor, Tensor]:
+        # d psi / d cos = sign m sin(m theta) / sin(theta), zero where the edge clamp is active.
+        c = cos_y.clamp(-1.0 + _EDGE, 1.0 - _EDGE)
+        m_theta = self.margin * torch.acos(c)
         k = torch.floor(m_theta.detach() / math.pi)
         sign = 1.0 - 2.0 * torch.remainder(k, 2.0)
-        return sign * torch.cos(m_theta) - 2.0 * k
+        inside = (cos_y >= -1.0 + _EDGE) & (cos_y <= 1.0 - _EDGE)
+        slope = sign * self.margin * torch.sin(m_theta) / (1.0 - c * c).sqrt()
+        return sign * torch.cos(m_theta) - 2.0 * k, torch.where(inside, slope, torch.zeros_like(slope))
 
 
 @register_head("curricularface")
@@ -276,28 +366,35 @@ class CurricularFace(MarginHead):
     def _margin_ok(cls, margin: float) -> bool:
         return 0.0 <= margin < math.pi
 
+    def _target(self, cos_y: Tensor) -> Tensor:
+        return _arc_target(cos_y, self.margin)
+
+    def _target_and_slope(self, cos_y: Tensor) -> tuple[Tensor, Tensor]:
+        return _arc_target_and_slope(cos_y, self.margin)
+
     def logits_from_cos(self, cos: Tensor, labels: Tensor, target_cos: Tensor | None = None) -> Tensor:
         """As ``MarginHead.logits_from_cos``; rows labelled -1 need their cos_y in ``target_cos``."""
         valid, index, local_y = self._index(cos, labels)
         if target_cos is not None:
-            cos_y = torch.where(valid, local_y, target_cos.to(device=cos.device, dtype=cos.dtype))
+            cos_y = torch.where(valid, local_y, target_cos.detach().to(device=cos.device, dtype=cos.dtype))
         else:  # no host sync to check it: every label must then be a column of ``cos``
             cos_y = local_y
-        m, s = self.margin, self.scale
-        cos_m = cos_y * math.cos(m) - _sin_from_cos(cos_y) * math.sin(m)
-        target = torch.where(cos_y > math.cos(math.pi - m), cos_m, cos_y - m * math.sin(m))
+        m = self.margin
+        need_grad = cos.requires_grad and torch.is_grad_enabled()
+        target, slope = _arc_target_and_slope(cos_y, m) if need_grad else (_arc_target(cos_y, m), None)
+        cos_m = cos_y * math.cos(m) - _sin_from_cos(cos_y) * math.sin(m)  # hardness threshold (no fallback)
 
         if self.training and cos.shape[0]:
             with torch.no_grad():
-                self.t.copy_(self.momentum * cos_y.detach().float().mean() + (1.0 - self.momentum) * self.t.float())
-        t = self.t.to(cos.dtype)
+                self.t.copy_(self.momentum * cos_y.float().mean() + (1.0 - self.momentum) * self.t.float())
+        t = self.t.to(cos.dtype).clone()  # a snapshot: the buffer may change before backward
 
-        threshold = cos_m.detach().unsqueeze(1)
-        logits = torch.where(cos > threshold, cos * (t + cos), cos) * s
         # Rows without a local target rewrite column 0 with its own (possibly modulated) value.
-        keep = torch.where(local_y > threshold.squeeze(1), local_y * (t + local_y), local_y)
-        new = torch.where(valid, target, keep) * s
-        return logits.scatter_(1, index, new.unsqueeze(1).to(logits.dtype))
+        hard_y = local_y > cos_m
+        new = torch.where(valid, target, torch.where(hard_y, local_y * (t + local_y), local_y))
+        if slope is not None:
+            slope = torch.where(valid, slope, torch.where(hard_y, t + 2.0 * local_y, torch.ones_like(local_y)))
+        return _MarginLogits.apply(cos, index, new, slope, self.scale, t, cos_m.unsqueeze(1))
 
     def hparams(self) -> dict:
         return {"scale": self.scale, "margin": self.margin, "momentum": self.momentum}

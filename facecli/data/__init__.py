@@ -18,13 +18,19 @@ def resolve_train_dir(train_dir: str | os.PathLike | None, dataset_path: str | o
     if train_dir is not None:
         p = Path(train_dir).expanduser()
         if not p.is_dir():
-            raise UserError(f"Training folder {str(p)!r} (--train-dir) does not exist or is not a directory.")
+            raise UserError(
+                f"Training folder {str(p)!r} (--train-dir) does not exist or is not a directory.",
+                hint="Pass the folder that holds one sub-folder of images per identity.",
+            )
         return p
     if dataset_path is None:
         raise UserError("No training data given: set DATASET_PATH in the environment or .env, or pass --dataset-path or --train-dir.")
     root = Path(dataset_path).expanduser()
     if not root.is_dir():
-        raise UserError(f"Dataset path {str(root)!r} (DATASET_PATH / --dataset-path) does not exist or is not a directory.")
+        raise UserError(
+            f"Dataset path {str(root)!r} (DATASET_PATH / --dataset-path) does not exist or is not a directory.",
+            hint="Point it at the folder holding CASIA-webface/ (or train.rec), or pass --train-dir.",
+        )
     from facecli.data.recordio import is_recordio_dir
 
     if is_recordio_dir(root):

@@ -116,7 +116,8 @@ class IdentityFolderDataset(Dataset):
                 )
         if len(self.classes) < 2:
             raise UserError(
-                f"Training folder {str(self.root)!r} has {len(self.classes)} identity; at least 2 are needed to learn to tell faces apart."
+                f"Training folder {str(self.root)!r} has {len(self.classes)} identity; at least 2 are needed to learn to tell faces apart.",
+                hint="Add more identity folders (root/<identity>/<image>.jpg) or point --train-dir at the full set.",
             )
         self.paths = np.array(paths, dtype=object)
         self.labels = np.asarray(labels, dtype=np.int64)

@@ -124,9 +124,9 @@ def load_checkpoint(path: str | os.PathLike, expect_model: str | None = None) ->
     """Load a facecli checkpoint safely, or raise :class:`CheckpointError` saying why not."""
     p = Path(path)
     if not p.exists():
-        raise CheckpointError(f"Checkpoint {str(p)!r} does not exist.")
+        raise CheckpointError(f"Checkpoint {str(p)!r} does not exist.", hint="Check the path; a run keeps latest.pt, min_loss.pt and epoch_NNN.pt.")
     if not p.is_file():
-        raise CheckpointError(f"Checkpoint {str(p)!r} is not a file.")
+        raise CheckpointError(f"Checkpoint {str(p)!r} is not a file.", hint="Name a .pt file, e.g. <run dir>/latest.pt.")
     if p.stat().st_size == 0:
         raise CheckpointError(f"Checkpoint {str(p)!r} is empty (0 bytes).", hint="It was never written completely; use another checkpoint.")
     try:
@@ -143,10 +143,16 @@ def load_checkpoint(path: str | os.PathLike, expect_model: str | None = None) ->
             ) from e
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         reason = next((line for line in lines if line.startswith("Unsupported operand")), lines[0] if lines else type(e).__name__)
-        raise CheckpointError(f"{str(p)!r} is damaged or not a PyTorch checkpoint ({reason[:160]}).") from e
+        raise CheckpointError(
+            f"{str(p)!r} is damaged or not a PyTorch checkpoint ({reason[:160]}).",
+            hint="Use another checkpoint of the run (min_loss.pt or an epoch_NNN.pt).",
+        ) from e
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, AttributeError, KeyError, IndexError, struct.error) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(f"{str(p)!r} is damaged or not a PyTorch checkpoint ({first[:160]}).") from e
+        raise CheckpointError(
+            f"{str(p)!r} is damaged or not a PyTorch checkpoint ({first[:160]}).",
+            hint="Use another checkpoint of the run (min_loss.pt or an epoch_NNN.pt).",
+        ) from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(
             f"{str(p)!r} is not a facecli checkpoint (it looks like a plain state_dict or another program's file).",

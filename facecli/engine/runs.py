@@ -41,5 +41,9 @@ def find_run_checkpoint(checkpoints_dir: Path, model: str, run: str | None, whic
         run_dir = runs[0]
     path = run_dir / CHECKPOINT_NAMES[which]
     if not path.is_file():
-        raise UserError(f"Run {str(run_dir)!r} has no {path.name}.", hint="Try --from latest.")
+        others = [k for k, name in CHECKPOINT_NAMES.items() if k != which and (run_dir / name).is_file()]
+        raise UserError(
+            f"Run {str(run_dir)!r} has no {path.name}.",
+            hint=f"Try --from {others[0]}." if others else "It holds no checkpoint to resume from; start the run again with `facecli train`.",
+        )
     return path

@@ -144,7 +144,7 @@ class Trainer:
         self.classes = list(self.dataset.classes)
         empty = list(getattr(self.dataset, "empty_files", []))
         if empty and self.world.is_main:
-            self.warn(f"Skipped {len(empty)} empty image file(s), e.g. {', '.join(empty[:3])}.")
+            self.warn(f"Skipped {len(empty)} empty image file(s), e.g. {', '.join(empty[:3])}. Delete or replace them.")
 
         self.net = EmbeddingNet(
             cfg.backbone, cfg.embedding_dim, normalize=cfg.model == "facenet", pretrained=cfg.pretrained and not self.resume_ckpt, dropout=cfg.dropout
@@ -182,8 +182,9 @@ class Trainer:
         self.epoch_loss_count = 0
         self.min_loss: float | None = None
         self.best_dev_accuracy: float | None = None
-        self.bad_images = 0
+        self.bad_images = 0  # distinct unreadable files seen (each is met again every epoch)
         self.bad_examples: list[str] = []
+        self._bad_seen: set[str] = set()
         self.history: list[dict] = []
         self.threshold: float | None = None
 
@@ -373,6 +374,9 @@ class Trainer:
             num_workers=workers,
             collate_fn=collate_samples,
             pin_memory=self.device.type == "cuda",
+            # Each epoch's iterator draws a seed; from its own generator, not the global torch
+            # RNG, whose state (dropout) is saved and restored for exact resume.
+            generator=torch.Generator().manual_seed(self.cfg.seed),
         )
         if workers > 0:
             kwargs.update(persistent_workers=True, prefetch_factor=4, worker_init_fn=_worker_init)
@@ -427,8 +431,12 @@ class Trainer:
                 t_window, n_window = time.perf_counter(), 0
                 for images, labels, bad in loader:
                     if bad:
-                        self.bad_images += len(bad)
-                        self.bad_examples.extend(bad[: max(0, 5 - len(self.bad_examples))])
+                        for reason in bad:
+                            if reason not in self._bad_seen:
+                                self._bad_seen.add(reason)
+                                if len(self.bad_examples) < 5:
+                                    self.bad_examples.append(reason)
+                        self.bad_images = len(self._bad_seen)
                     if images.shape[0] < 2:
                         loss = None
                     else:
@@ -498,7 +506,10 @@ class Trainer:
             for s, h in previous.items():
                 signal.signal(s, h)
             if self.bad_images and self.world.is_main:
-                self.warn(f"Skipped {self.bad_images} unreadable image(s) during training, e.g. {'; '.join(self.bad_examples[:3])}.")
+                self.warn(
+                    f"Skipped {self.bad_images} unreadable image(s) during training, e.g. {'; '.join(self.bad_examples[:3])}. "
+                    "Delete or re-encode them."
+                )
             self.tracker.close()
 
     def _end_epoch(self) -> None:

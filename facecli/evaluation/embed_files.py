@@ -71,18 +71,25 @@ class _Files(Dataset):
         return img, i, None
 
     def _aligned(self, path: Path, key: str):
-        from PIL import Image, UnidentifiedImageError
+        from PIL import Image, ImageOps, UnidentifiedImageError
 
         from facecli.align import align_face
 
         points = self.landmarks.get(key)
         if points is None:
             points = self.landmarks.get(Path(key).name)
+        if points is None and "/" not in key:
+            # A file named on the command line: like `facecli align IMAGE`, accept the one
+            # entry of a folder-wide landmarks file that ends in its name.
+            matches = [k for k in self.landmarks if k.rsplit("/", 1)[-1] == key]
+            if len(matches) == 1:
+                points = self.landmarks[matches[0]]
         if points is None:
             raise ImageError(f"{path}: no landmarks for {key!r} in the landmarks file.")
         try:
             with Image.open(path) as im:
-                aligned = align_face(im, points, size=self.preprocess.image_size)
+                # Landmarks are in the displayed frame (EXIF orientation applied), as for `facecli align`.
+                aligned = align_face(ImageOps.exif_transpose(im), points, size=self.preprocess.image_size)
         except (OSError, UnidentifiedImageError, ValueError) as e:
             raise ImageError(f"{path}: not a readable image ({e}).") from e
         buf = io.BytesIO()

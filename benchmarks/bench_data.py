@@ -1,0 +1,206 @@
+"""Data pipeline: decoded-and-augmented images/s from a folder of 250x250 JPEGs.
+
+    python benchmarks/bench_data.py                       # LFW (../shared/data/lfw) or synthetic 250x250 JPEGs
+    python benchmarks/bench_data.py --folder DIR          # any root/<identity>/<image>.jpg tree
+    python benchmarks/bench_data.py --quick
+
+Two pipelines read the same files, side by side, round by round:
+
+* ``naive``: ``Image.open(p).convert("RGB")`` -> ``transforms.Resize(112)`` -> ``ToTensor()``
+  (float32) in a Dataset, through a DataLoader with its defaults (the first version of most
+  training scripts);
+* ``facecli``: the product's path: ``IdentityFolderDataset`` (``decode_image``: uint8,
+  centre crop, resize) + ``collate_samples`` through a DataLoader configured like the trainer's
+  (persistent workers, prefetch 4, pinned memory on CUDA), then, on the consuming side,
+  ``normalize_batch`` and the random flip, as the trainer does on its device. So the facecli
+  figure includes work (normalisation, flip) the naive figure leaves out.
+
+"per worker" is the in-process rate (``--workers 0``: one core decoding, nothing else);
+"total" is the rate with ``--workers N`` worker processes. Files are read once before timing
+so that the page cache, not the disk, serves them (decode speed, not disk speed, is measured).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as C  # noqa: E402
+
+LFW_IMAGES = C.REPO.parent / "shared" / "data" / "lfw" / "lfw-deepfunneled"
+SYNTH_CACHE = C.RESULTS / "cache" / "synth250"
+
+
+def find_folder(folder: Path | None, quick: bool) -> Path:
+    """The JPEG tree to read: --folder, else LFW's 250x250 images, else a synthetic 250x250 set."""
+    if folder is not None:
+        return folder
+    if LFW_IMAGES.is_dir():
+        return LFW_IMAGES
+    root = SYNTH_CACHE
+    train = root / "CASIA-webface"
+    if not train.is_dir():
+        from facecli.data.synth import generate_synthetic_set
+
+        C.say(f"generating synthetic 250x250 JPEGs in {root} (once)...")
+        generate_synthetic_set(root, identities=40 if quick else 200, test_identities=20, images_per_identity=10, image_size=250, seed=0)
+    return train
+
+
+class NaiveFolder:
+    """The usual first Dataset: PIL open, convert, torchvision Resize(112), ToTensor."""
+
+    def __init__(self, paths, labels, size):
+        import torchvision.transforms as T
+
+        self.paths, self.labels = paths, labels
+        self.transform = T.Compose([T.Resize(size), T.ToTensor()])
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        img = Image.open(self.paths[i]).convert("RGB")
+        return self.transform(img), int(self.labels[i])
+
+
+def _one_thread(_):
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    C.common_args(p)
+    p.add_argument("--folder", type=Path, default=None, help="root/<identity>/<image>.jpg (default: LFW 250x250, else synthetic)")
+    p.add_argument("--images", type=int, default=None, help="images per timed pass (default 2000)")
+    p.add_argument("--image-size", type=int, default=112)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--workers", default="0,2", help="comma-separated worker counts to measure (0 = in-process, per worker)")
+    args = p.parse_args(argv)
+    rounds = args.rounds or (2 if args.quick else 5)
+    n_images = args.images or (256 if args.quick else 2000)
+    threads = C.set_threads(args.threads)
+
+    import numpy as np
+    import torch
+    from torch.utils.data import DataLoader
+
+    from facecli.data.folders import IdentityFolderDataset, collate_samples
+    from facecli.data.images import Preprocess, normalize_batch
+    from facecli.engine.trainer import flip_batch
+
+    device = C.resolve_device(args.device)
+    folder = find_folder(args.folder, args.quick)
+    pre = Preprocess(args.image_size)
+    dataset = IdentityFolderDataset(folder, pre)
+    rng = np.random.default_rng(0)
+    subset = np.sort(rng.choice(len(dataset), size=min(n_images, len(dataset)), replace=False))
+    paths = [dataset.paths[i] for i in subset]
+    labels = [int(dataset.labels[i]) for i in subset]
+    with_sizes = {}
+    from PIL import Image
+
+    for path in paths[:50]:
+        with Image.open(path) as im:
+            with_sizes[im.size] = with_sizes.get(im.size, 0) + 1
+    for path in paths:  # warm the page cache
+        Path(path).read_bytes()
+    naive_ds = NaiveFolder(paths, labels, args.image_size)
+    batches = [list(map(int, subset[i : i + args.batch])) for i in range(0, len(subset), args.batch)]
+    worker_counts = [int(w) for w in args.workers.split(",") if w.strip()]
+    C.say(
+        f"data: {len(paths)} images from {folder} (sizes {dict(with_sizes)}), to {args.image_size}x{args.image_size}, "
+        f"batch {args.batch}, workers {worker_counts}; {rounds} rounds"
+    )
+
+    loaders = {}
+    for w in worker_counts:
+        naive_kwargs = dict(batch_size=args.batch, shuffle=False, num_workers=w)
+        fc_kwargs = dict(batch_sampler=batches, num_workers=w, collate_fn=collate_samples, pin_memory=device.type == "cuda")
+        if w > 0:
+            fc_kwargs.update(persistent_workers=True, prefetch_factor=4, worker_init_fn=_one_thread)
+        loaders[w] = (DataLoader(naive_ds, **naive_kwargs), DataLoader(dataset, **fc_kwargs))
+
+    def run_naive(loader):
+        def run():
+            n = 0
+            for x, _ in loader:
+                n += x.shape[0]
+            assert n == len(paths)
+
+        return run
+
+    def run_facecli(loader):
+        def run():
+            n = 0
+            for step, (x, y, bad) in enumerate(loader):
+                x = normalize_batch(x.to(device, non_blocking=True), pre)
+                x = flip_batch(x, 0, step, 0, x.shape[0])
+                n += x.shape[0]
+            C.synchronize(device)
+            assert n == len(paths), (n, len(paths))
+
+        return run
+
+    variants = {}
+    for w, (naive_loader, fc_loader) in loaders.items():
+        variants[f"naive w={w}"] = run_naive(naive_loader)
+        variants[f"facecli w={w}"] = run_facecli(fc_loader)
+    times = C.interleaved(variants, rounds, 1, warmup=1, device=device, log=C.say)
+
+    rows = []
+    for w in worker_counts:
+        for kind in ("naive", "facecli"):
+            name = f"{kind} w={w}"
+            ips = len(paths) / C.median(times[name])
+            row = {
+                "pipeline": kind,
+                "workers": w,
+                "images_per_s": round(ips, 1),
+                "images_per_s_per_worker": round(ips / max(w, 1), 1),
+                "noise_pct": round(C.spread(times[name]), 1),
+            }
+            if kind == "facecli":
+                row["speedup_vs_naive"] = round(C.ratio_to(times, name, f"naive w={w}"), 3)
+            rows.append(row)
+    shown = [
+        {**r, "speedup_vs_naive": f"{r['speedup_vs_naive']:.2f}x" if "speedup_vs_naive" in r else "",
+         "workers": "0 (in-process)" if r["workers"] == 0 else r["workers"]}
+        for r in rows
+    ]
+    C.say(
+        "\n"
+        + C.table(
+            shown,
+            [("pipeline", "pipeline"), ("workers", "workers"), ("images_per_s", "images/s"), ("images_per_s_per_worker", "per worker"),
+             ("noise_pct", "+-%"), ("speedup_vs_naive", "facecli / naive")],
+            title=f"Decoded-and-augmented images/s, {len(paths)} JPEGs {dict(with_sizes)} -> {args.image_size}px, {device}, {os.cpu_count()} CPUs",
+        )
+    )
+    out = C.write_results(
+        "data",
+        {
+            "benchmark": "data",
+            "config": {"folder": str(folder), "images": len(paths), "image_size": args.image_size, "batch": args.batch,
+                       "workers": worker_counts, "rounds": rounds, "device": str(device), "threads": threads, "quick": args.quick,
+                       "source_sizes_sample": {f"{w}x{h}": n for (w, h), n in with_sizes.items()}},
+            "environment": C.environment(device),
+            "rows": rows,
+            "times_s": times,
+        },
+        args.json,
+    )
+    C.say(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
