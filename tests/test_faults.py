@@ -7,7 +7,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import queue
 import random
 import signal
 import subprocess
@@ -29,7 +28,7 @@ from conftest import REPO, TINY_TRAIN_ARGS, cli
 # Every checkpoint is self-checking: a "version" and a tensor filled with that version.
 _WRITER = textwrap.dedent(
     """
-    import os, sys
+    import os, sys, time
     import torch
     torch.set_num_threads(1)
     from facecli.engine.checkpoint import FORMAT, FORMAT_VERSION, save_checkpoint
@@ -49,8 +48,9 @@ _WRITER = textwrap.dedent(
         pid = os.fork()
         if pid == 0:
             try:
-                v = first
-                while True:
+                server, deadline, v = os.getppid(), time.monotonic() + 60, first
+                # never outlive the test: stop if orphaned or after a minute
+                while os.getppid() == server and time.monotonic() < deadline:
                     save_checkpoint(checkpoint(v), path)
                     v += 1
             finally:
@@ -91,6 +91,7 @@ def test_sigkill_during_checkpoint_writes_never_tears_the_file(tmp_path):
     rng = random.Random(1234)
     seen = [0]
     torn_temps = 0
+    pid = None
     try:
         assert proc.stdout.readline().strip() == "ready"
         for k in range(1, KILLS + 1):
@@ -99,6 +100,7 @@ def test_sigkill_during_checkpoint_writes_never_tears_the_file(tmp_path):
             pid = int(proc.stdout.readline())
             threading.Event().wait(rng.uniform(0.01, 0.2))  # a random moment in the save loop
             os.kill(pid, signal.SIGKILL)
+            pid = None
             assert proc.stdout.readline().strip() == "killed"
             v = _check_complete(target)  # loads, and is one complete version
             assert v >= seen[-1], "an older checkpoint replaced a newer one"
@@ -108,8 +110,13 @@ def test_sigkill_during_checkpoint_writes_never_tears_the_file(tmp_path):
             assert all(p.name.startswith(".latest.pt.") and p.name.endswith(".tmp") for p in temps), temps
             torn_temps = len(temps)
     finally:
+        if pid is not None:  # the test failed between fork and kill: stop that writer too
+            os.kill(pid, signal.SIGKILL)
         proc.stdin.close()
-        proc.wait(timeout=60)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
     # The kills really landed inside saves: each one that did left its temporary file behind
     # (a SIGKILL runs no cleanup), and the target was never one of them.
     assert torn_temps >= 3, f"only {torn_temps} of {KILLS} kills interrupted a write"

@@ -174,15 +174,18 @@ def small_lfw(tmp_path, synth_lfw_dir) -> dict:
     return {"lfw": lfw, "root": root, "outside": outside, "a": people[0], "b": people[1], "c": people[2]}
 
 
-def _pairs(path: Path, matched: str, mismatched: str) -> Path:
-    path.write_text(f"1\n{matched}\n{mismatched}\n")
+def _pairs(path: Path, line: str, a: str, b: str) -> Path:
+    """A 10-fold pairs.txt, one matched and one mismatched pair per fold; ``line`` opens fold 1."""
+    rows = ["10\t1"]
+    for fold in range(10):
+        rows += [line if fold == 0 else f"{(a, b)[fold % 2]}\t1\t2", f"{a}\t{fold % 3 + 1}\t{b}\t1"]
+    path.write_text("\n".join(rows) + "\n")
     return path
 
 
 @pytest.mark.parametrize("case", ["dotdot name", "absolute name", "symlinked folder", "symlinked image"])
 def test_pairs_cannot_reach_outside_the_image_root(case, small_lfw, tmp_path, trained_checkpoint):
     lfw, root, outside, a, b, c = (small_lfw[k] for k in ("lfw", "root", "outside", "a", "b", "c"))
-    mismatched = f"{a}\t1\t{b}\t1"
     if case == "dotdot name":
         # ../outside/<c> really exists: only the name check stands between facecli and it
         assert (root / ".." / ".." / "outside" / c).is_dir()
@@ -198,7 +201,7 @@ def test_pairs_cannot_reach_outside_the_image_root(case, small_lfw, tmp_path, tr
             name = f"{c}_{n:04d}.jpg"
             (root / c / name).symlink_to(outside / c / name)
         line = f"{c}\t1\t2"
-    pairs = _pairs(tmp_path / "pairs.txt", line, mismatched)
+    pairs = _pairs(tmp_path / "pairs.txt", line, a, b)
     result = cli("eval-lfw", trained_checkpoint, "--lfw-dir", lfw, "--pairs", pairs, "--workers", "0", "--json", tmp_path / "r.json")
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output

@@ -126,11 +126,11 @@ def test_dataset_path_that_is_a_file_is_one_line(tmp_path):
     assert "--dataset-path" in line and str(f) in line
 
 
-def test_no_dataset_configured_at_all_is_one_line_naming_both_ways(tmp_path):
+def test_no_dataset_configured_at_all_is_one_line_naming_both_ways(trained_checkpoint):
     line = one_line_error(cli("train", "arcface", *fast_args()))
     assert "DATASET_PATH" in line and "--dataset-path" in line
-    line = one_line_error(cli("eval-lfw", tmp_path / "x.pt"))  # checkpoint is checked first
-    assert str(tmp_path / "x.pt") in line
+    line = one_line_error(cli("eval-lfw", trained_checkpoint, "--device", "cpu"))
+    assert "No LFW folder" in line and "DATASET_PATH" in line and "--lfw-dir" in line
 
 
 def test_checkpoints_dir_without_runs_is_one_line_naming_the_path(monkeypatch, tmp_path):

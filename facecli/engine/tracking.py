@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 SECRET_KEYS = {"wandb_api_key", "WANDB_API_KEY", "api_key"}
-CLOSE_TIMEOUT = 5.0  # seconds the end of a run may wait for W&B to finish
+CLOSE_TIMEOUT = 5.0  # seconds the end of a run waits for a W&B that never started (unreachable)
+FINISH_TIMEOUT = 120.0  # seconds it waits for a W&B that started and is uploading its last data
 _LEFT_RUNNING: list[threading.Thread] = []  # W&B workers close() stopped waiting for
 
 
@@ -192,6 +193,8 @@ class WandbTracker:
         A W&B that is still starting (unreachable host: its init retries for a while) or
         still uploading is left behind with one warning; ``metrics.jsonl`` has everything.
         """
+        if self._run is not None and self.enabled:
+            timeout = max(timeout, FINISH_TIMEOUT)  # healthy: let it upload the end of the run
         deadline = time.monotonic() + timeout
         while True:  # the stop marker must get in even if the queue is full
             try:
