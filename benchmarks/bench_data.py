@@ -15,9 +15,11 @@ Two pipelines read the same files, side by side, round by round:
   ``normalize_batch`` and the random flip, as the trainer does on its device. So the facecli
   figure includes work (normalisation, flip) the naive figure leaves out.
 
-"per worker" is the in-process rate (``--workers 0``: one core decoding, nothing else);
-"total" is the rate with ``--workers N`` worker processes. Files are read once before timing
-so that the page cache, not the disk, serves them (decode speed, not disk speed, is measured).
+"per worker" is the in-process rate (workers 0: one core decoding, nothing else), measured
+with the two pipelines alternating batch by batch, so that both see the same machine load;
+"total" is the rate with ``--workers N`` worker processes (DataLoaders alternate pass by pass).
+Files are read once before timing so that the page cache, not the disk, serves them (decode
+speed, not disk speed, is measured).
 """
 
 from __future__ import annotations
@@ -121,8 +123,36 @@ def main(argv=None) -> int:
         f"batch {args.batch}, workers {worker_counts}; {rounds} rounds"
     )
 
+    def in_process_rounds():
+        """Seconds per pass of each pipeline, the two alternating batch by batch."""
+        import time
+
+        from torch.utils.data import default_collate
+
+        out = {"naive w=0": [], "facecli w=0": []}
+        for r in range(rounds + 1):  # round 0 is a warm-up
+            spent = {"naive": 0.0, "facecli": 0.0}
+            for b, idx in enumerate(batches):
+                start = b * args.batch
+                for kind in (("naive", "facecli") if (b + r) % 2 == 0 else ("facecli", "naive")):
+                    t0 = time.perf_counter()
+                    if kind == "naive":
+                        default_collate([naive_ds[start + k] for k in range(len(idx))])
+                    else:
+                        x, _, _ = collate_samples([dataset[i] for i in idx])
+                        x = flip_batch(normalize_batch(x.to(device, non_blocking=True), pre), 0, b, 0, x.shape[0])
+                        C.synchronize(device)
+                    spent[kind] += time.perf_counter() - t0
+            if r:
+                out["naive w=0"].append(spent["naive"])
+                out["facecli w=0"].append(spent["facecli"])
+                C.say(f"  round {r}/{rounds}: in-process naive {spent['naive']:.2f} s, facecli {spent['facecli']:.2f} s")
+        return out
+
     loaders = {}
     for w in worker_counts:
+        if w == 0:
+            continue
         naive_kwargs = dict(batch_size=args.batch, shuffle=False, num_workers=w)
         fc_kwargs = dict(batch_sampler=batches, num_workers=w, collate_fn=collate_samples, pin_memory=device.type == "cuda")
         if w > 0:
@@ -154,7 +184,9 @@ def main(argv=None) -> int:
     for w, (naive_loader, fc_loader) in loaders.items():
         variants[f"naive w={w}"] = run_naive(naive_loader)
         variants[f"facecli w={w}"] = run_facecli(fc_loader)
-    times = C.interleaved(variants, rounds, 1, warmup=1, device=device, log=C.say)
+    times = C.interleaved(variants, rounds, 1, warmup=1, device=device, log=C.say) if variants else {}
+    if 0 in worker_counts:
+        times.update(in_process_rounds())
 
     rows = []
     for w in worker_counts:

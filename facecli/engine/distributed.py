@@ -81,8 +81,8 @@ def mean_over_ranks(value: torch.Tensor, world: World) -> float:
     return float(t.item() / world.world_size)
 
 
-def allreduce_sum_hook(process_group, bucket) -> torch.futures.Future[torch.Tensor]:
-    """DDP communication hook that sums gradients over ranks instead of averaging them.
+def allreduce_sum_hook(process_group, bucket):  # no return annotation: DDP checks it and this module's are strings
+    """DDP communication hook that sums gradients over ranks instead of averaging them (returns a Future).
 
     For a loss that is already the mean over the global batch and replicated on every rank
     (the class-sharded margin head), each rank's backward yields only its part of the

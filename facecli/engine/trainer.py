@@ -193,7 +193,8 @@ class Trainer:
             self.run_dir = Path(resume_from).resolve().parent
             self.run_name = self.run_dir.name
         else:
-            self.run_name = cfg.run_name or datetime.now().strftime("%Y%m%d-%H%M%S")
+            # rank 0's timestamp on every rank (their clocks may straddle a second)
+            self.run_name = dist_utils.broadcast_object(cfg.run_name or datetime.now().strftime("%Y%m%d-%H%M%S"), self.world)
             self.run_dir = Path(cfg.checkpoints_dir) / cfg.model / self.run_name
             if self.world.is_main and (self.run_dir / "latest.pt").exists():
                 raise UserError(
