@@ -85,9 +85,13 @@ def read_people(path: Path) -> list[tuple[str, int]]:
     return people
 
 
+COMMANDS: list[str] = []
+
+
 def facecli(*args: str) -> None:
     cmd = [sys.executable, "-m", "facecli", *args]
-    print("\n$ facecli " + " ".join(shlex.quote(a) for a in args), flush=True)
+    COMMANDS.append("facecli " + " ".join(shlex.quote(a) for a in args))
+    print("\n$ " + COMMANDS[-1], flush=True)
     done = subprocess.run(cmd, cwd=REPO)
     if done.returncode != 0:
         raise SystemExit(f"facecli {args[0]} failed with exit code {done.returncode}")
@@ -160,7 +164,7 @@ def main(argv=None) -> dict:
         "model": args.model,
         "backbone": args.backbone,
         "image_size": args.image_size,
-        "crop_fraction": config["preprocess"]["crop_fraction"],
+        "crop_fraction": config["preprocess"]["crop_fraction"] or "auto (0.6 for the 250x250 images)",
         "epochs": args.epochs,
         "batch_size": args.batch_size,
         "lr": config["config"]["lr"],
@@ -179,10 +183,9 @@ def main(argv=None) -> dict:
         "train_seconds": round(train_seconds, 1),
         "eval_seconds": round(eval_seconds, 1),
         "checkpoint": str(checkpoint),
-        "commands": ["facecli " + " ".join(shlex.quote(a) for a in train)],
+        "commands": list(COMMANDS),
         "quick": args.quick,
         "python": platform.python_version(),
-        "host": platform.node(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
     }
     print_table(result)
@@ -196,14 +199,19 @@ def print_table(r: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title="LFW View 1 (unrestricted, no outside data)" + (" [--quick: figures meaningless]" if r["quick"] else ""))
-    for col in ("model", "backbone", "input", "epochs", "train people / images", "threshold", "DevTrain acc", "DevTest acc", "train time"):
-        t.add_column(col, justify="left" if col in ("model", "backbone") else "right")
-    t.add_row(
-        r["model"], r["backbone"], f"{r['image_size']}px", str(r["epochs"]), f"{r['train_identities']:,} / {r['train_images']:,}",
-        f"{r['threshold']:.4f}", f"{100 * r['dev_train_accuracy']:.2f}% ({r['dev_train_pairs']})",
-        f"{100 * r['dev_test_accuracy']:.2f}% ({r['dev_test_pairs']})", f"{r['train_seconds'] / 60:.1f} min",
-    )
+    t = Table(title="LFW View 1, unrestricted, no outside data" + (" (--quick: figures meaningless)" if r["quick"] else ""), show_header=False)
+    t.add_column("")
+    t.add_column("")
+    rows = [
+        ("model", f"{r['model']}, {r['backbone']}, {r['image_size']}px, crop {r['crop_fraction']}"),
+        ("training", f"{r['epochs']} epochs, batch {r['batch_size']}, lr {r['lr']:g}, {r['steps']} steps, {r['device']} {r['amp']}"),
+        ("training people / images", f"{r['train_identities']:,} / {r['train_images']:,} (peopleDevTrain.txt)"),
+        ("threshold (pairsDevTrain.txt)", f"{r['threshold']:.4f}: {100 * r['dev_train_accuracy']:.2f}% of {r['dev_train_pairs']} pairs"),
+        ("accuracy (pairsDevTest.txt)", f"{100 * r['dev_test_accuracy']:.2f}% of {r['dev_test_pairs']} pairs"),
+        ("time", f"training {r['train_seconds'] / 60:.1f} min, evaluation {r['eval_seconds'] / 60:.1f} min"),
+    ]
+    for k, v in rows:
+        t.add_row(k, v)
     Console().print(t)
 
 
