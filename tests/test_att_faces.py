@@ -52,7 +52,8 @@ def held_out_pairs(seed: int = 0):
     while len(different) < len(same):
         a, b = rng.choice(len(TEST_PEOPLE), 2, replace=False)
         i, j = rng.integers(1, 11, 2)
-        different.add(((TEST_PEOPLE[a], f"{i}.pgm"), (TEST_PEOPLE[b], f"{j}.pgm")))
+        # unordered: (x, y) and (y, x) are the same pair
+        different.add(tuple(sorted(((TEST_PEOPLE[a], f"{i}.pgm"), (TEST_PEOPLE[b], f"{j}.pgm")))))
     different = sorted(different)
     rng.shuffle(same)
     rng.shuffle(different)
