@@ -92,5 +92,15 @@ def cli(*args: str):
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
+def one_line_error(result) -> str:
+    """Failed through the user-error path: non-zero exit, one line, no traceback."""
+    assert result.exit_code != 0, result.output
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith("error:") and "Traceback" not in result.output
+    return lines[0]
+
+
 def requires_shared(path: Path):
     return pytest.mark.skipif(not path.exists(), reason=f"{path} not present (../shared/data is optional)")

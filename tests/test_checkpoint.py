@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import facecli
-from conftest import TINY_TRAIN_ARGS, cli
+from conftest import TINY_TRAIN_ARGS, cli, one_line_error
 from facecli.engine.checkpoint import (
     CheckpointSaveError,
     atomic_write,
@@ -35,15 +35,6 @@ def tiny_args(**overrides: str) -> list[str]:
         args[args.index("--" + flag.replace("_", "-")) + 1] = value
     return args
 
-
-def one_line_error(result) -> str:
-    """The CLI failed through the user-error path: non-zero exit, one line, no traceback."""
-    assert result.exit_code != 0, result.output
-    assert isinstance(result.exception, SystemExit), repr(result.exception)
-    lines = [ln for ln in result.output.splitlines() if ln.strip()]
-    assert len(lines) == 1, result.output
-    assert "Traceback" not in result.output
-    return lines[0]
 
 
 # ----------------------------------------------------------------- what a checkpoint holds

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, TINY_TRAIN_ARGS, cli
+from conftest import REPO, TINY_TRAIN_ARGS, cli, one_line_error
 from facecli.engine.checkpoint import load_checkpoint
 from facecli.engine.config import TrainConfig
 from facecli.engine.trainer import Trainer
@@ -120,14 +120,6 @@ def test_resume_defaults_to_the_newest_run_and_latest(synth_train_dir, tmp_path)
 
 
 # ----------------------------------------------------------------- resume errors and extension
-def one_line_error(result) -> str:
-    assert result.exit_code != 0, result.output
-    assert isinstance(result.exception, SystemExit), repr(result.exception)
-    lines = [ln for ln in result.output.splitlines() if ln.strip()]
-    assert len(lines) == 1, result.output
-    assert lines[0].startswith("error:") and "Traceback" not in result.output
-    return lines[0]
-
 
 def test_finished_run_needs_more_epochs_and_then_trains_on(trained_checkpoint, tmp_path):
     ck = tmp_path / "ck"

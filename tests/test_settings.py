@@ -6,20 +6,12 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import REPO, TINY_TRAIN_ARGS, cli
+from conftest import REPO, TINY_TRAIN_ARGS, cli, one_line_error
 from facecli.errors import UserError
 from facecli.settings import check_env_file, load_settings, require_dir
 
 SECRET = "0123456789abcdef-not-a-real-key-fedcba9876543210"
 
-
-def one_line_error(result) -> str:
-    assert result.exit_code != 0, result.output
-    assert isinstance(result.exception, SystemExit), repr(result.exception)
-    lines = [ln for ln in result.output.splitlines() if ln.strip()]
-    assert len(lines) == 1, result.output
-    assert lines[0].startswith("error:") and "Traceback" not in result.output
-    return lines[0]
 
 
 def fast_args() -> list[str]:

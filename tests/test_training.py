@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY_TRAIN_ARGS, cli
+from conftest import TINY_TRAIN_ARGS, cli, one_line_error
 from facecli.data.images import decode_image
 from facecli.engine.checkpoint import load_checkpoint
 
@@ -26,15 +26,6 @@ def tiny_args(**overrides: str) -> list[str]:
         args[args.index("--" + flag.replace("_", "-")) + 1] = value
     return args
 
-
-def one_line_error(result) -> str:
-    """Failed through the user-error path: non-zero exit, one line, no traceback."""
-    assert result.exit_code != 0, result.output
-    assert isinstance(result.exception, SystemExit), repr(result.exception)
-    lines = [ln for ln in result.output.splitlines() if ln.strip()]
-    assert len(lines) == 1, result.output
-    assert lines[0].startswith("error:") and "Traceback" not in result.output
-    return lines[0]
 
 
 def metrics(run: Path) -> list[dict]:

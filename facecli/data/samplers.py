@@ -21,15 +21,10 @@ def _rng(seed: int, epoch: int, stream: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(seed), int(epoch), int(stream)]))
 
 
-class ShuffledBatchSampler(Sampler[list[int]]):
-    """A fresh permutation per epoch, cut into global batches (incomplete last batch dropped)."""
+class _EpochBatches(Sampler[list[int]]):
+    """What both samplers share: the epoch, the batch to start from, the rank's slice."""
 
-    def __init__(self, num_samples: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1):
-        if batch_size * world_size > num_samples:
-            raise UserError(
-                f"Batch size {batch_size} x {world_size} process(es) exceeds the {num_samples} training images.",
-                hint="Lower --batch-size.",
-            )
+    def _setup(self, num_samples: int, batch_size: int, seed: int, rank: int, world_size: int) -> None:
         self.num_samples = num_samples
         self.batch_size = batch_size
         self.seed = seed
@@ -42,21 +37,36 @@ class ShuffledBatchSampler(Sampler[list[int]]):
         self.epoch = epoch
         self.start_batch = start_batch
 
-    def batches_per_epoch(self) -> int:
-        return self.num_samples // (self.batch_size * self.world_size)
-
     def __len__(self) -> int:
         return self.batches_per_epoch() - self.start_batch
+
+    def _slice(self, batch) -> list[int]:
+        return batch[self.rank * self.batch_size : (self.rank + 1) * self.batch_size].tolist()
+
+
+class ShuffledBatchSampler(_EpochBatches):
+    """A fresh permutation per epoch, cut into global batches (incomplete last batch dropped)."""
+
+    def __init__(self, num_samples: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1):
+        if batch_size * world_size > num_samples:
+            raise UserError(
+                f"Batch size {batch_size} x {world_size} process(es) exceeds the {num_samples} training images.",
+                hint="Lower --batch-size.",
+            )
+        self._setup(num_samples, batch_size, seed, rank, world_size)
+
+    def batches_per_epoch(self) -> int:
+        return self.num_samples // (self.batch_size * self.world_size)
 
     def __iter__(self) -> Iterator[list[int]]:
         perm = _rng(self.seed, self.epoch, 0).permutation(self.num_samples)
         g = self.batch_size * self.world_size
         for b in range(self.start_batch, self.batches_per_epoch()):
             chunk = perm[b * g : (b + 1) * g]
-            yield chunk[self.rank * self.batch_size : (self.rank + 1) * self.batch_size].tolist()
+            yield self._slice(chunk)
 
 
-class PKBatchSampler(Sampler[list[int]]):
+class PKBatchSampler(_EpochBatches):
     """FaceNet batches: P identities x K images each.
 
     An epoch has ``len(dataset) // global_batch`` batches. Identities are taken from a
@@ -84,23 +94,10 @@ class PKBatchSampler(Sampler[list[int]]):
                 f"FaceNet needs {self.p * world_size} identities with 2+ images per batch but the data has {len(self.eligible)}.",
                 hint="Lower --batch-size or raise --images-per-identity.",
             )
-        self.num_samples = len(labels)
-        self.batch_size = batch_size
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.epoch = 0
-        self.start_batch = 0
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.epoch = epoch
-        self.start_batch = start_batch
+        self._setup(len(labels), batch_size, seed, rank, world_size)
 
     def batches_per_epoch(self) -> int:
         return max(1, self.num_samples // (self.batch_size * self.world_size))
-
-    def __len__(self) -> int:
-        return self.batches_per_epoch() - self.start_batch
 
     def _global_batches(self) -> Iterator[np.ndarray]:
         rng = _rng(self.seed, self.epoch, 1)
@@ -124,4 +121,4 @@ class PKBatchSampler(Sampler[list[int]]):
         for b, batch in enumerate(self._global_batches()):
             if b < self.start_batch:
                 continue
-            yield batch[self.rank * self.batch_size : (self.rank + 1) * self.batch_size].tolist()
+            yield self._slice(batch)

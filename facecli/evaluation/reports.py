@@ -80,6 +80,15 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def save_roc(report, path: Path, title: str = "ROC") -> Path:
     plt = _plt()
     fpr, tpr = report.roc[0], report.roc[1]
@@ -92,12 +101,7 @@ def save_roc(report, path: Path, title: str = "ROC") -> Path:
     ax.set_ylabel("true accept rate")
     ax.set_title(f"{title}: AUC {report.auc:.4f}, EER {100 * report.eer:.2f}%")
     ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def save_histogram(scores: np.ndarray, issame: np.ndarray, path: Path, threshold: float | None = None, title: str = "Scores") -> Path:
@@ -112,12 +116,7 @@ def save_histogram(scores: np.ndarray, issame: np.ndarray, path: Path, threshold
     ax.set_ylabel("pairs")
     ax.set_title(title)
     ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def save_threshold_curve(candidates: np.ndarray, accuracies: np.ndarray, chosen: float, path: Path) -> Path:
@@ -130,12 +129,7 @@ def save_threshold_curve(candidates: np.ndarray, accuracies: np.ndarray, chosen:
     ax.set_ylabel("accuracy")
     ax.set_title("Accuracy versus threshold")
     ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def save_loss_curve(metrics_jsonl: Path, path: Path) -> Path | None:
@@ -159,7 +153,4 @@ def save_loss_curve(metrics_jsonl: Path, path: Path) -> Path | None:
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
     ax.set_title("Training loss")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path)
