@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable, List, Optional
 
 import typer
+from rich.markup import escape
 
 from facecli import __version__
 from facecli.errors import TrainingStopped, UserError
@@ -67,7 +68,7 @@ class ResumeFrom(str, Enum):
 
 
 def _fail(message: str, code: int) -> None:
-    err_console.print(f"[bold red]error:[/bold red] {message}", markup=True, highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/bold red] {escape(message)}", markup=True, highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -134,35 +135,12 @@ def _train_progress():
 
 
 def _tracker_factory(settings, wandb_flag):
-    def factory(cfg, run_dir, run_name, world):
-        from facecli.engine.tracking import MetricsFile, Tracker, WandbTracker, wandb_mode
+    from facecli.engine.tracking import tracker_factory
 
-        key = settings.wandb_api_key.get_secret_value() if settings.wandb_api_key else None
-        mode, notice = wandb_mode(wandb_flag, settings.wandb_mode, key is not None)
-        if notice:
-            console.print(notice, markup=False)
-        wb = None
-        if mode != "disabled":
-            wb = WandbTracker(
-                project=settings.wandb_project,
-                entity=settings.wandb_entity,
-                mode=mode,
-                run_name=f"{cfg.model}-{run_name}",
-                run_id=f"{cfg.model}-{run_name}".replace("/", "-"),
-                config=cfg.to_dict(),
-                directory=run_dir,
-                api_key=key,
-                warn=warn,
-            )
-        return Tracker(MetricsFile(run_dir / "metrics.jsonl"), wb)
-
-    return factory
+    return tracker_factory(settings, wandb_flag, log=_log, warn=warn)
 
 
 def _print_training_result(result) -> None:
-    from facecli.evaluation.reports import save_loss_curve
-
-    save_loss_curve(result.run_dir / "metrics.jsonl", result.run_dir / "loss.png")
     console.print(
         f"Done: {result.epochs} epoch(s), {result.steps} steps, last loss "
         f"{result.last_loss:.4f}" if result.last_loss is not None else f"Done: {result.steps} steps",
@@ -202,7 +180,7 @@ def train(
     amp: bool = typer.Option(True, "--amp/--no-amp", help="Mixed precision on CUDA (bf16 where supported, else fp16)."),
     channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last", help="NHWC layout (default: on for CUDA)."),
     compile: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile the model."),
-    workers: int = typer.Option(4, help="DataLoader worker processes."),
+    workers: int = typer.Option(4, min=0, help="DataLoader worker processes."),
     seed: int = typer.Option(0, help="Random seed (data order, flips, initialisation)."),
     checkpoints_dir: Optional[Path] = typer.Option(None, help="Where runs are written (default: CHECKPOINTS_DIR or ./checkpoints)."),
     run_name: Optional[str] = typer.Option(None, help="Run directory name (default: a timestamp)."),
@@ -298,35 +276,19 @@ def resume(
     checkpoints_dir: Optional[Path] = typer.Option(None, help="Where runs are (default: CHECKPOINTS_DIR or ./checkpoints)."),
     train_dir: Optional[Path] = typer.Option(None, help="Training data, if it moved since the run started."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda or cuda:N (default: the run's)."),
-    workers: Optional[int] = typer.Option(None, help="DataLoader worker processes (default: the run's)."),
+    workers: Optional[int] = typer.Option(None, min=0, help="DataLoader worker processes (default: the run's)."),
     amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="Mixed precision on CUDA (default: the run's)."),
     wandb: Optional[bool] = typer.Option(None, "--wandb/--no-wandb", help="Track in Weights & Biases."),
 ):
     """Continue a run from its latest (or min_loss/best) checkpoint, with everything restored."""
-    from facecli.engine.checkpoint import load_checkpoint
-    from facecli.engine.config import TrainConfig
-    from facecli.engine.runs import find_run_checkpoint
+    from facecli.engine.runs import prepare_resume
     from facecli.engine.trainer import Trainer
 
     settings = _settings()
-    root = Path(checkpoints_dir or settings.checkpoints_dir)
-    path = find_run_checkpoint(root, model.value, run, from_.value)
-    ckpt = load_checkpoint(path, expect_model=model.value)
-    cfg = TrainConfig.from_dict(
-        ckpt["train_config"],
-        epochs=epochs,
-        checkpoints_dir=str(root),
-        train_dir=str(train_dir) if train_dir else None,
-        device=device,
-        workers=workers,
-        amp=amp,
-        wandb=wandb,
+    path, cfg = prepare_resume(
+        Path(checkpoints_dir or settings.checkpoints_dir), model.value, run, from_.value,
+        epochs=epochs, train_dir=train_dir, device=device, workers=workers, amp=amp, wandb=wandb,
     )
-    if cfg.epochs <= int(ckpt["epoch"]) and int(ckpt.get("batch_in_epoch", 0)) == 0:
-        raise UserError(
-            f"Run {path.parent.name} already finished {ckpt['epoch']} of {cfg.epochs} epochs.",
-            hint="Pass --epochs with a larger total to train further.",
-        )
     trainer = Trainer(cfg, resume_from=path, tracker_factory=_tracker_factory(settings, wandb), log=_log, warn=warn, progress_factory=_train_progress)
     result = trainer.run()
     if trainer.world.is_main:
@@ -393,14 +355,14 @@ def eval_lfw(
     flip: bool = typer.Option(True, "--flip/--no-flip", help="Flip test-time augmentation."),
     batch_size: Optional[int] = typer.Option(None, help="Embedding batch size (default: 1024 on GPU, 128 on CPU)."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda or cuda:N."),
-    workers: int = typer.Option(2, help="DataLoader worker processes."),
+    workers: int = typer.Option(2, min=0, help="DataLoader worker processes."),
     allow_missing: bool = typer.Option(False, help="Evaluate even if some pair images are missing (they are counted)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the figures to this JSON file (pictures go beside it)."),
 ):
     """LFW View 2: 10-fold accuracy (threshold of each fold chosen on the other nine), AUC, EER, TAR@FAR."""
     from facecli.data.lfw import find_image_root, read_pairs
     from facecli.evaluation.reports import verification_table
-    from facecli.evaluation.runner import evaluate_bin, evaluate_pair_set, lfw_pair_file, save_pictures, write_json
+    from facecli.evaluation.runner import evaluate_bin, evaluate_pair_set, resolve_pairs_arg, save_pictures, write_json
 
     _positive(batch_size, "--batch-size")
     dev = _device(device)
@@ -409,7 +371,7 @@ def eval_lfw(
         ev = evaluate_bin(fm.net, fm.preprocess, bin, dev, flip, batch_size, workers, _progress_factory)
     else:
         lfw = _lfw_for_eval(lfw_dir)
-        pair_set = read_pairs(pairs or lfw_pair_file(lfw, "pairs.txt"), find_image_root(lfw), allow_missing=allow_missing)
+        pair_set = read_pairs(resolve_pairs_arg(pairs, lfw, "pairs.txt"), find_image_root(lfw), allow_missing=allow_missing)
         ev = evaluate_pair_set(fm.net, fm.preprocess, pair_set, dev, flip, batch_size, workers, _progress_factory, name="LFW")
     console.print(verification_table(ev.report, title=f"{ev.name} verification, {len(ev.scores)} pairs, 10-fold"))
     console.print(
@@ -437,7 +399,7 @@ def eval_sets(
     flip: bool = typer.Option(True, "--flip/--no-flip"),
     batch_size: Optional[int] = typer.Option(None),
     device: Optional[str] = typer.Option(None),
-    workers: int = typer.Option(2),
+    workers: int = typer.Option(2, min=0),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write all figures to this JSON file."),
 ):
     """Evaluate several verification sets (.bin files, LFW folders) and report them in one table."""
@@ -472,7 +434,7 @@ def tune_threshold_cmd(
     flip: bool = typer.Option(True, "--flip/--no-flip"),
     batch_size: Optional[int] = typer.Option(None),
     device: Optional[str] = typer.Option(None),
-    workers: int = typer.Option(2),
+    workers: int = typer.Option(2, min=0),
     save: bool = typer.Option(False, "--save/--no-save", help="Store the threshold in the checkpoint (atomically)."),
     json_out: Optional[Path] = typer.Option(None, "--json"),
 ):
@@ -480,15 +442,15 @@ def tune_threshold_cmd(
     from facecli.data.lfw import find_image_root, read_pairs
     from facecli.engine.checkpoint import set_threshold
     from facecli.evaluation.reports import save_threshold_curve, threshold_table
-    from facecli.evaluation.runner import lfw_pair_file, tune_threshold, write_json
+    from facecli.evaluation.runner import resolve_pairs_arg, tune_threshold, write_json
 
     _positive(batch_size, "--batch-size")
     dev = _device(device)
     fm = _load(checkpoint, dev)
     lfw = _lfw_for_eval(lfw_dir)
     root = find_image_root(lfw)
-    train_set = read_pairs(pairs or lfw_pair_file(lfw, "pairsDevTrain.txt"), root)
-    test_file = test_pairs or lfw_pair_file(lfw, "pairsDevTest.txt")
+    train_set = read_pairs(resolve_pairs_arg(pairs, lfw, "pairsDevTrain.txt"), root)
+    test_file = resolve_pairs_arg(test_pairs, lfw, "pairsDevTest.txt")
     test_set = read_pairs(test_file, root)
     choice = tune_threshold(fm.net, fm.preprocess, train_set, test_set, dev, flip, batch_size, workers, _progress_factory)
     console.print(threshold_table(choice.candidates, choice.accuracies, choice.threshold))
@@ -519,7 +481,7 @@ def embed(
     flip: bool = typer.Option(True, "--flip/--no-flip"),
     batch_size: Optional[int] = typer.Option(None),
     device: Optional[str] = typer.Option(None),
-    workers: int = typer.Option(0),
+    workers: int = typer.Option(0, min=0),
 ):
     """Embed images with a trained model (L2-normalised float32), or compare two faces."""
     from facecli.evaluation.embed_files import run_embed
@@ -585,7 +547,7 @@ def demo(
     image_size: int = typer.Option(48, help="Input size (the set is drawn at 112 and resized)."),
     batch_size: int = typer.Option(64),
     lr: float = typer.Option(0.1),
-    workers: int = typer.Option(2),
+    workers: int = typer.Option(2, min=0),
     seed: int = typer.Option(0),
     identities: int = typer.Option(200, help="Synthetic training identities."),
     test_identities: int = typer.Option(60, help="Synthetic held-out identities."),
@@ -627,7 +589,7 @@ def info(checkpoint: Path = typer.Argument(..., help="A facecli checkpoint (.pt)
         ("model", ckpt["model"]),
         ("backbone", f"{ckpt['net']['backbone']}, {ckpt['net']['embedding_dim']}-d"),
         ("head", json.dumps(ckpt.get("head", {}).get("hparams", {}))),
-        ("identities", f"{len(ckpt['classes']):,}"),
+        ("identities", f"{len(ckpt.get('classes', [])):,}"),
         ("input", json.dumps(ckpt["preprocess"])),
         ("progress", f"epoch {ckpt.get('epoch')} + {ckpt.get('batch_in_epoch')} batches, step {ckpt.get('step')}"),
         ("min epoch loss", str(ckpt.get("min_loss"))),

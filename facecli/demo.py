@@ -22,7 +22,18 @@ from facecli.data.images import Preprocess
 from facecli.data.lfw import find_image_root, read_pairs
 from facecli.engine.config import TrainConfig
 from facecli.engine.trainer import Trainer
+from facecli.errors import UserError
 from facecli.evaluation.runner import evaluate_pair_set, lfw_pair_file
+
+
+def _marker(path: Path) -> dict:
+    """The arguments a finished ``facecli synth`` run recorded (empty if unreadable)."""
+    import json
+
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 @dataclass
@@ -59,7 +70,9 @@ def run_demo(
     out_dir = Path(out_dir)
     data = out_dir / "data"
     marker = data / "facecli-synth.json"
-    if not marker.exists():
+    wanted = {"identities": identities, "test_identities": test_identities, "images_per_identity": images_per_identity,
+              "image_size": 112, "seed": seed}
+    if not marker.exists() or any(_marker(marker).get(k) != v for k, v in wanted.items()):
         total = (identities + test_identities) * images_per_identity
         log(f"Generating the synthetic face set in {data} ({total:,} images)...")
         generate_synthetic_set(
@@ -84,6 +97,8 @@ def run_demo(
 
     trainer = Trainer(cfg, log=log, warn=warn, progress_factory=train_progress)
     result = trainer.run()  # ends with View 1 threshold tuning and the View 2 protocol
+    if "view2" not in result.evaluation:
+        raise UserError(f"The trained model could not be evaluated on {lfw_dir} (see the warnings above).")
     trained = result.evaluation["view2"]
     dev = result.evaluation.get("view1", {}).get("test_accuracy")
     return DemoResult(untrained.to_dict(), trained, result.run_dir, dev)

@@ -25,6 +25,7 @@ float tensors between DataLoader workers is four times less memory traffic.
 from __future__ import annotations
 
 import io
+import struct
 import os
 import warnings
 from dataclasses import dataclass
@@ -109,7 +110,7 @@ def _open(data: bytes, where: str) -> Image.Image:
         return Image.open(io.BytesIO(data))
     except UnidentifiedImageError as e:  # its text would name the BytesIO object (an address)
         raise ImageError(f"{where}: not a readable image (UnidentifiedImageError: cannot identify image file).") from e
-    except (OSError, ValueError, Image.DecompressionBombWarning) as e:
+    except (OSError, ValueError, Image.DecompressionBombWarning, Image.DecompressionBombError, struct.error, IndexError, EOFError) as e:
         raise ImageError(f"{where}: not a readable image ({type(e).__name__}: {e}).") from e
 
 
@@ -224,7 +225,10 @@ def decode_image(
             pixels = _pil_pixels(img)
     except ImageError:
         raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning) as e:
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise ImageError(f"{where}: not a readable image ({type(e).__name__}: {e}).") from e
+    except (IndexError, KeyError, TypeError, struct.error, EOFError, ZeroDivisionError, MemoryError) as e:
+        # What PIL's format plugins raise on some malformed files: still the file's fault.
         raise ImageError(f"{where}: not a readable image ({type(e).__name__}: {e}).") from e
     finally:
         img.close()

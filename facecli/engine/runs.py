@@ -47,3 +47,35 @@ def find_run_checkpoint(checkpoints_dir: Path, model: str, run: str | None, whic
             hint=f"Try --from {others[0]}." if others else "It holds no checkpoint to resume from; start the run again with `facecli train`.",
         )
     return path
+
+
+RESUME_KEYS = ("train_config", "epoch", "batch_in_epoch", "step", "optimizer_state")
+
+
+def prepare_resume(checkpoints_dir: Path, model: str, run: str | None, which: str, **overrides):
+    """The checkpoint to resume from and the run's configuration with ``overrides`` applied.
+
+    Overrides are the run-environment settings (device, workers, amp, wandb, train_dir moved)
+    and ``epochs`` (a new total). Everything else comes from the checkpoint.
+    """
+    from facecli.engine.checkpoint import CheckpointError, load_checkpoint
+    from facecli.engine.config import TrainConfig
+
+    path = find_run_checkpoint(Path(checkpoints_dir), model, run, which)
+    ckpt = load_checkpoint(path, expect_model=model)
+    missing = [k for k in RESUME_KEYS if k not in ckpt]
+    if missing:
+        raise CheckpointError(
+            f"{str(path)!r} cannot be resumed: it has no {', '.join(missing)} (an exported model, not a training state).",
+            hint="It can still be evaluated; to train further, start a new run.",
+        )
+    train_dir = overrides.pop("train_dir", None)
+    cfg = TrainConfig.from_dict(
+        ckpt["train_config"], checkpoints_dir=str(checkpoints_dir), train_dir=str(train_dir) if train_dir else None, **overrides
+    )
+    if cfg.epochs <= int(ckpt["epoch"]) and int(ckpt.get("batch_in_epoch", 0)) == 0:
+        raise UserError(
+            f"Run {path.parent.name} already finished {ckpt['epoch']} of {cfg.epochs} epochs.",
+            hint="Pass --epochs with a larger total to train further.",
+        )
+    return path, cfg

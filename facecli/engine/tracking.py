@@ -52,8 +52,7 @@ class MetricsFile:
     """Appends one JSON object per line; survives being killed (line-buffered, flushed)."""
 
     def __init__(self, path: Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = Path(path)  # the run directory is created by the trainer, which reports failures
 
     def write(self, record: dict) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
@@ -147,6 +146,12 @@ class WandbTracker:
                     art = wandb.Artifact(name, type=kind_)
                     art.add_file(str(path))
                     self._run.log_artifact(art)
+                elif kind == "line":
+                    import wandb
+
+                    key, xs, ys, x_name, y_name, step = payload
+                    table = wandb.Table(data=[[float(x), float(y)] for x, y in zip(xs, ys)], columns=[x_name, y_name])
+                    self._run.log({key: wandb.plot.line(table, x_name, y_name, title=key)}, step=step)
                 elif kind == "image":
                     import wandb
 
@@ -186,6 +191,9 @@ class WandbTracker:
 
     def image(self, key: str, path: Path, step: int) -> None:
         self._put(("image", (key, Path(path), int(step))))
+
+    def line(self, key: str, xs, ys, x_name: str, y_name: str, step: int) -> None:
+        self._put(("line", (key, list(xs), list(ys), x_name, y_name, int(step))))
 
     def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
         """Let W&B finish for at most ``timeout`` seconds; the end of a run never waits longer.
@@ -239,6 +247,12 @@ class Tracker:
         if self.wandb is not None:
             self.wandb.image(key, path, step)
 
+    def line(self, key: str, xs, ys, x_name: str, y_name: str, step: int, max_points: int = 500) -> None:
+        """A W&B line plot (e.g. accuracy versus threshold), thinned to ``max_points``."""
+        if self.wandb is not None:
+            stride = max(1, len(xs) // max_points)
+            self.wandb.line(key, xs[::stride], ys[::stride], x_name, y_name, step)
+
     def artifact(self, path: Path, name: str) -> None:
         if self.wandb is not None:
             self.wandb.artifact(path, name)
@@ -260,3 +274,29 @@ def wandb_mode(flag: bool | None, settings_mode: str | None, has_key: bool) -> t
     if flag is True:
         return "disabled", "W&B: --wandb was given but no WANDB_API_KEY is set; tracking locally only (set WANDB_MODE=offline to log offline)."
     return "disabled", "W&B is off: no WANDB_API_KEY set (metrics still go to metrics.jsonl)."
+
+
+def tracker_factory(settings, wandb_flag: bool | None, log: Callable[[str], None] = print, warn: Callable[[str], None] = print):
+    """What the trainer calls on rank 0 to get its tracker: metrics.jsonl, plus W&B per settings."""
+
+    def factory(cfg, run_dir: Path, run_name: str, world) -> Tracker:
+        key = settings.wandb_api_key.get_secret_value() if settings.wandb_api_key else None
+        mode, notice = wandb_mode(wandb_flag, settings.wandb_mode, key is not None)
+        if notice:
+            log(notice)
+        wb = None
+        if mode != "disabled":
+            wb = WandbTracker(
+                project=settings.wandb_project,
+                entity=settings.wandb_entity,
+                mode=mode,
+                run_name=f"{cfg.model}-{run_name}",
+                run_id=f"{cfg.model}-{run_name}".replace("/", "-"),
+                config=cfg.to_dict(),
+                directory=run_dir,
+                api_key=key,
+                warn=warn,
+            )
+        return Tracker(MetricsFile(run_dir / "metrics.jsonl"), wb)
+
+    return factory

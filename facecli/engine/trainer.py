@@ -54,9 +54,18 @@ STOP_EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name} was asked for but CUDA is not available on this machine.", hint="Use --device cpu or auto.")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as e:
+        raise UserError(f"--device {name!r} is not a device.", hint="Use auto, cpu, cuda or cuda:N.") from e
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name!r} is not supported.", hint="Use auto, cpu, cuda or cuda:N.")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name} was asked for but CUDA is not available on this machine.", hint="Use --device cpu or auto.")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s).")
+    return device
 
 
 def amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
@@ -161,6 +170,10 @@ class Trainer:
         self.model = FaceModelForTraining(self.net, self.head, triplet_margin).to(self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        if self.world.distributed:
+            # Same initial weights everywhere (DDP also broadcasts rank 0's), then per-rank
+            # randomness (dropout) that does not repeat the same mask on every rank.
+            torch.manual_seed(cfg.seed + self.world.rank)
 
         bs = cfg.batch_size
         if cfg.model == "facenet":
@@ -195,6 +208,8 @@ class Trainer:
         else:
             # rank 0's timestamp on every rank (their clocks may straddle a second)
             self.run_name = dist_utils.broadcast_object(cfg.run_name or datetime.now().strftime("%Y%m%d-%H%M%S"), self.world)
+            if not self.run_name or "/" in self.run_name or "\\" in self.run_name or self.run_name in (".", ".."):
+                raise UserError(f"--run-name {self.run_name!r} is not a plain name.", hint="Use letters, digits, '-', '_' or '.'.")
             self.run_dir = Path(cfg.checkpoints_dir) / cfg.model / self.run_name
             if self.world.is_main and (self.run_dir / "latest.pt").exists():
                 raise UserError(
@@ -246,6 +261,8 @@ class Trainer:
     def _checkpoint(self) -> dict:
         net = self.model.net.module if hasattr(self.model.net, "module") else self.model.net
         rng = {"torch": torch.get_rng_state()}
+        if self.world.distributed and getattr(self, "_rng_per_rank", None):
+            rng["torch_per_rank"] = list(self._rng_per_rank)
         if torch.cuda.is_available() and self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         return new_checkpoint(
@@ -307,13 +324,21 @@ class Trainer:
                 hint="Resume with the same batch size, data and number of processes as the run.",
             )
         rng = ckpt.get("rng") or {}
-        if "torch" in rng:
+        per_rank = rng.get("torch_per_rank")
+        if per_rank and len(per_rank) == self.world.world_size:
+            torch.set_rng_state(per_rank[self.world.rank])
+        elif "torch" in rng:
             torch.set_rng_state(rng["torch"])
         if "cuda" in rng and self.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], self.device)
 
     def _save(self, names: list[str], epoch_file: str | None = None) -> None:
         """Write the current state once and link it under every name (all atomic)."""
+        if self.world.distributed:
+            # every rank's RNG (dropout masks differ per rank), so that resume is exact under DDP too
+            states = [None] * self.world.world_size
+            torch.distributed.all_gather_object(states, torch.get_rng_state())
+            self._rng_per_rank = states
         sharded = getattr(self.head, "sharded", False)
         if not self.world.is_main and not sharded:
             return
@@ -326,8 +351,12 @@ class Trainer:
             if name != first:
                 _link_or_copy(self.run_dir / first, self.run_dir / name)
         if epoch_file:
-            epochs = sorted(self.run_dir.glob("epoch_*.pt"))
-            for old in epochs[: max(0, len(epochs) - self.cfg.keep_epochs)]:
+            # Newest last by write time: after `resume --from min_loss` the epochs of the
+            # abandoned continuation are older than the ones this run writes now.
+            epochs = sorted(self.run_dir.glob("epoch_*.pt"), key=lambda p: (p.stat().st_mtime_ns, p.name))
+            keep = {self.run_dir / epoch_file}
+            stale = [p for p in epochs if p not in keep][: max(0, len(epochs) - self.cfg.keep_epochs)]
+            for old in stale:
                 old.unlink(missing_ok=True)
 
     def _write_config(self) -> None:
@@ -402,7 +431,14 @@ class Trainer:
         """Train until ``cfg.epochs`` are done (or a signal, or ``stop_after_steps`` more steps)."""
         cfg = self.cfg
         if self.world.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise UserError(
+                    f"Cannot create the run directory {str(self.run_dir)!r} under CHECKPOINTS_DIR / --checkpoints-dir "
+                    f"{str(cfg.checkpoints_dir)!r} ({e.strerror or e}).",
+                    hint="Point CHECKPOINTS_DIR or --checkpoints-dir at a writable folder.",
+                ) from e
             self._write_config()
         dist_utils.barrier(self.world)
         previous = self._install_signal_handlers()
@@ -438,7 +474,8 @@ class Trainer:
                                 if len(self.bad_examples) < 5:
                                     self.bad_examples.append(reason)
                         self.bad_images = len(self._bad_seen)
-                    if images.shape[0] < 2:
+                    # every rank must agree, or DDP's gradient all-reduce would wait forever
+                    if dist_utils.any_true(images.shape[0] < 2, self.world, self.device):
                         loss = None
                     else:
                         loss = self._train_step(images, labels)
@@ -511,7 +548,17 @@ class Trainer:
                     f"Skipped {self.bad_images} unreadable image(s) during training, e.g. {'; '.join(self.bad_examples[:3])}. "
                     "Delete or re-encode them."
                 )
+            if self.world.is_main:
+                self._save_loss_picture()
             self.tracker.close()
+
+    def _save_loss_picture(self) -> None:
+        from facecli.evaluation.reports import save_loss_curve
+
+        try:
+            save_loss_curve(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
+        except (OSError, ValueError, RuntimeError) as e:  # a picture must never hide the run's outcome
+            self.warn(f"Could not draw {self.run_dir / 'loss.png'}: {e}")
 
     def _end_epoch(self) -> None:
         cfg = self.cfg

@@ -99,13 +99,16 @@ def evaluate_pair_set(
     name: str = "LFW",
 ) -> PairEvaluation:
     """The View 2 protocol: embed distinct images once, score pairs, 10-fold accuracy."""
+    if pair_set.folds < 2:
+        # A View 1 file is n same-person pairs then n different-person ones: cutting it into
+        # folds would give one-class folds. Its protocol is a threshold from dev-train.
+        raise UserError(
+            f"{pair_set.source} has a single fold (a View 1 file), so the 10-fold protocol does not apply.",
+            hint="Use `facecli tune-threshold --pairs pairsDevTrain.txt --test-pairs pairsDevTest.txt`, or pairs.txt here.",
+        )
     t0 = time.perf_counter()
     scores, passes = _scores_for(pair_set, net, preprocess, device, flip, batch_size, workers, progress, name)
-    folds = pair_set.folds if pair_set.folds >= 2 else 10
-    fold_of_pair = pair_set.fold_of_pair if pair_set.folds >= 2 else None
-    if fold_of_pair is None and len(scores) % folds:
-        raise UserError(f"{pair_set.source}: {len(scores)} pairs cannot be split into {folds} equal folds.")
-    report = verify(scores, pair_set.issame, folds=folds, fold_of_pair=fold_of_pair)
+    report = verify(scores, pair_set.issame, folds=pair_set.folds, fold_of_pair=pair_set.fold_of_pair)
     return PairEvaluation(
         name, report, scores, np.asarray(pair_set.issame), len(pair_set.unique_images), passes, time.perf_counter() - t0, pair_set.missing
     )
@@ -187,6 +190,18 @@ def tune_threshold(
     )
 
 
+def resolve_pairs_arg(given: Path | None, lfw_dir: Path, default: str) -> Path:
+    """``--pairs``/``--test-pairs``: a path as given if it exists, else that name in the LFW folder."""
+    if given is None:
+        return lfw_pair_file(lfw_dir, default)
+    given = Path(given)
+    if given.is_file() or given.is_absolute() or len(given.parts) > 1:
+        if not given.is_file():
+            raise UserError(f"Pairs file {str(given)!r} does not exist.")
+        return given
+    return lfw_pair_file(lfw_dir, given.name)
+
+
 def lfw_pair_file(lfw_dir: Path, name: str) -> Path:
     """A protocol file beside the image folder (``pairs.txt`` and friends) or inside it."""
     lfw_dir = Path(lfw_dir)
@@ -244,13 +259,17 @@ def end_of_training_evaluation(trainer, warn=print, log=print) -> dict:
             dev_test = read_pairs(lfw_pair_file(lfw_dir, "pairsDevTest.txt"), root)
             choice = tune_threshold(net, trainer.preprocess, dev_train, dev_test, device, cfg.flip, cfg.eval_batch_size, workers)
             trainer.threshold = choice.threshold
-            for name in ("latest.pt", "min_loss.pt", "best.pt"):
-                if (run_dir / name).is_file():
-                    set_threshold(run_dir / name, choice.threshold, "View 1 pairsDevTrain.txt")
+            # Tuned on the final weights: it belongs to latest.pt only (min_loss.pt and best.pt
+            # hold earlier weights; `facecli tune-threshold FILE --save` gives them their own).
+            set_threshold(run_dir / "latest.pt", choice.threshold, "View 1 pairsDevTrain.txt")
             results["view1"] = choice.to_dict()
             curve = save_threshold_curve(choice.candidates, choice.accuracies, choice.threshold, run_dir / "view1_threshold.png")
             trainer.tracker.log({"view1/threshold": choice.threshold, "view1/dev_test_accuracy": choice.test_accuracy}, trainer.step)
             trainer.tracker.image("view1/threshold_curve", curve, trainer.step)
+            finite = np.isfinite(choice.candidates)
+            trainer.tracker.line(
+                "view1/accuracy_vs_threshold", choice.candidates[finite], choice.accuracies[finite], "threshold", "accuracy", trainer.step
+            )
             log(f"View 1: threshold {choice.threshold:.4f} (dev-train accuracy {choice.train_accuracy:.4f}), dev-test accuracy {choice.test_accuracy:.4f}")
         except UserError as e:
             warn(f"View 1 threshold tuning skipped: {e}")
