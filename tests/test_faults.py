@@ -331,3 +331,17 @@ def test_wandb_trouble_is_one_warning_and_never_blocks(behaviour, tmp_path, monk
         fake.release.set()
         tracker._thread.join(timeout=30)
     assert len(warnings) <= 1  # a late failure after close() does not warn again
+
+
+def test_resume_removes_temporary_files_of_a_killed_save(synth_root, tmp_path):
+    """A SIGKILL mid-save leaves a hidden .tmp beside the checkpoint; the next run clears it."""
+    ck = tmp_path / "ck"
+    r = cli("train", "arcface", "--dataset-path", synth_root, "--checkpoints-dir", ck, "--run-name", "t", "--no-eval", *TINY_TRAIN_ARGS)
+    assert r.exit_code == 0, r.output
+    run = ck / "arcface" / "t"
+    stale = run / ".latest.pt.x1y2z3.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    r = cli("resume", "arcface", "--run", "t", "--epochs", "2", "--checkpoints-dir", ck)
+    assert r.exit_code == 0, r.output
+    assert not stale.exists()
+    assert torch.load(run / "latest.pt", weights_only=True)["epoch"] == 2

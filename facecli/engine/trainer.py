@@ -439,6 +439,8 @@ class Trainer:
                     f"{str(cfg.checkpoints_dir)!r} ({e.strerror or e}).",
                     hint="Point CHECKPOINTS_DIR or --checkpoints-dir at a writable folder.",
                 ) from e
+            for stale in self.run_dir.glob(".*.tmp"):  # left by a process killed mid-save
+                stale.unlink(missing_ok=True)
             self._write_config()
         dist_utils.barrier(self.world)
         previous = self._install_signal_handlers()
