@@ -571,7 +571,11 @@ def demo(
     console.print(t)
     if res.dev_test_accuracy is not None:
         console.print(f"View 1 dev-test accuracy at the threshold tuned on dev-train: {100 * res.dev_test_accuracy:.2f}%", markup=False)
-    console.print(f"Run directory: {res.run_dir}  (try: facecli eval-lfw {res.run_dir / 'latest.pt'} --lfw-dir {out_dir / 'data' / 'Labeled Faces in the Wild (LFW)'})", markup=False)
+    import shlex
+
+    ckpt, lfw = str(res.run_dir / "latest.pt"), str(out_dir / "data" / "Labeled Faces in the Wild (LFW)")
+    console.print(f"Run directory: {res.run_dir}", markup=False)
+    console.print(f"Next: facecli eval-lfw {shlex.quote(ckpt)} --lfw-dir {shlex.quote(lfw)}", markup=False)
 
 
 @app.command()

@@ -157,3 +157,39 @@ def test_no_images_is_a_clear_error(trained_checkpoint, tmp_path):
     r = _embed(trained_checkpoint, empty)
     assert r.exit_code == 2
     assert "No images found" in r.stderr and "Traceback" not in r.output
+
+
+def test_embedding_halves_its_batch_when_memory_runs_out():
+    """On out-of-memory the evaluator retries with half the images per pass, same result."""
+    import torch
+
+    from facecli.data.images import Preprocess
+    from facecli.evaluation.embedding import embed_dataset
+
+    class Images(torch.utils.data.Dataset):
+        def __len__(self):
+            return 10
+
+        def __getitem__(self, i):
+            g = torch.Generator().manual_seed(i)
+            return torch.randint(0, 256, (3, 16, 16), generator=g, dtype=torch.uint8), i, None
+
+    class SmallMemoryNet(torch.nn.Module):
+        def __init__(self, limit):
+            super().__init__()
+            self.limit, self.sizes = limit, []
+            torch.manual_seed(0)
+            self.fc = torch.nn.Linear(3 * 16 * 16, 8)
+
+        def forward(self, x):
+            if x.shape[0] > self.limit:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+            self.sizes.append(x.shape[0])
+            return self.fc(x.flatten(1))
+
+    roomy, tight = SmallMemoryNet(limit=10**6), SmallMemoryNet(limit=5)
+    a = embed_dataset(roomy, Preprocess(16), Images(), batch_size=8, flip=True)
+    b = embed_dataset(tight, Preprocess(16), Images(), batch_size=8, flip=True)
+    assert max(tight.sizes) <= 5 and max(roomy.sizes) == 16
+    assert a.forward_passes == b.forward_passes == 20
+    assert np.allclose(a.vectors, b.vectors, atol=1e-6)

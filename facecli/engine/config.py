@@ -50,7 +50,7 @@ class TrainConfig:
     eval: bool = True
     eval_every: int = 0
     flip: bool = True
-    eval_batch_size: int = 256
+    eval_batch_size: int | None = None  # None: as large as the device takes (see evaluation.embedding)
     val_bins: list[str] = field(default_factory=list)
     sharded_head: bool = False
     wandb: bool | None = None
@@ -64,7 +64,9 @@ class TrainConfig:
             self.embedding_dim = 128 if self.model == "facenet" else 512
         if self.lr is None:
             self.lr = 1e-3 if self.optimizer == "adamw" else 0.1
-        for name in ("epochs", "batch_size", "image_size", "embedding_dim", "eval_batch_size", "keep_epochs", "log_every"):
+        if self.eval_batch_size is not None and (not isinstance(self.eval_batch_size, int) or self.eval_batch_size <= 0):
+            raise UserError(f"--eval-batch-size must be a positive integer, got {self.eval_batch_size}.")
+        for name in ("epochs", "batch_size", "image_size", "embedding_dim", "keep_epochs", "log_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {value}.")

@@ -37,7 +37,7 @@ def _autocast_dtype(device: torch.device) -> torch.dtype | None:
 
 def default_batch_size(device: torch.device) -> int:
     """Evaluation has no gradients: a GPU takes far larger batches than training."""
-    return 1024 if device.type == "cuda" else 128
+    return 2048 if device.type == "cuda" else 128
 
 
 @torch.inference_mode()
@@ -67,6 +67,7 @@ def embed_dataset(
         loader_kwargs.update(prefetch_factor=4, worker_init_fn=_one_thread)
     dtype = _autocast_dtype(device)
     channels_last = device.type == "cuda"
+    chunk = batch_size * (2 if flip else 1)  # images per forward pass; halved on out-of-memory
     try:
         for images, index, reasons in DataLoader(dataset, **loader_kwargs):
             bad.extend(reasons)
@@ -76,8 +77,7 @@ def embed_dataset(
                     x = torch.cat([x, x.flip(3)])
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                    z = net(x).float()
+                z, chunk = _forward_fitting(net, x, device, dtype, chunk)
                 passes += x.shape[0]
                 if flip:
                     b = images.shape[0]
@@ -116,6 +116,27 @@ def pair_scores(vectors: np.ndarray, index_a: np.ndarray, index_b: np.ndarray) -
     a = vectors[np.asarray(index_a)].astype(np.float64)
     b = vectors[np.asarray(index_b)].astype(np.float64)
     return np.einsum("ij,ij->i", a, b)
+
+
+def _forward_fitting(net, x: torch.Tensor, device: torch.device, dtype, chunk: int) -> tuple[torch.Tensor, int]:
+    """``net(x)`` in pieces of at most ``chunk`` images, halving ``chunk`` when the GPU runs out
+    of memory: evaluation starts with large batches and settles on the largest that fits."""
+    outputs = []
+    start = 0
+    while start < x.shape[0]:
+        piece = x[start : start + chunk]
+        try:
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                outputs.append(net(piece).float())
+        except torch.cuda.OutOfMemoryError:
+            if chunk == 1:
+                raise
+            chunk = max(1, chunk // 2)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        start += piece.shape[0]
+    return torch.cat(outputs), chunk
 
 
 def _one_thread(_: int) -> None:
