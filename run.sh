@@ -20,12 +20,12 @@ setup() {
   want="$(cat pyproject.toml | sha256sum | cut -c1-16)"
   if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! "$PY" -c "import facecli, torch, torchvision, typer, rich, wandb, pydantic_settings, dotenv, matplotlib, pytest" 2>/dev/null; then
     echo "run.sh: installing facecli and its dependencies into $VENV (first run: a few minutes)" >&2
-    "$PY" -m pip install --quiet --disable-pip-version-check --upgrade pip >/dev/null 2>&1 || true
+    "$PY" -m pip install -qq --disable-pip-version-check --upgrade pip >/dev/null 2>&1 || true
     # torch first, on its own: the one large wheel, and a machine-level constraint may cap its version.
     if ! "$PY" -c "import torch, torchvision" 2>/dev/null; then
-      "$PY" -m pip install --quiet --disable-pip-version-check "torch>=2.2" "torchvision>=0.17"
+      "$PY" -m pip install -qq --disable-pip-version-check "torch>=2.2" "torchvision>=0.17"
     fi
-    "$PY" -m pip install --quiet --disable-pip-version-check -e ".[test]"
+    "$PY" -m pip install -qq --disable-pip-version-check -e ".[test]"
     echo "$want" > "$stamp"
   fi
 }
