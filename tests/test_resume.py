@@ -161,23 +161,32 @@ def test_resume_errors_are_one_line(trained_checkpoint, tmp_path):
 SIGNAL_ARGS = ["--batch-size", "4", "--epochs", "2", "--no-eval", "--log-every", "1", "--checkpoint-every", "0"]  # 18 steps per epoch
 
 
-def signal_train_args(synth_root: Path, ck: Path, run: str) -> list[str]:
+def signal_train_args(synth_root: Path, ck: Path, run: str, model: str = "arcface") -> list[str]:
     args = list(TINY_TRAIN_ARGS)
     for flag in ("--batch-size", "--epochs"):
         i = args.index(flag)
         del args[i : i + 2]
-    return ["train", "arcface", "--dataset-path", str(synth_root), "--checkpoints-dir", str(ck), "--run-name", run, *args, *SIGNAL_ARGS]
+    if model == "facenet":
+        args += ["--images-per-identity", "2"]  # P x K = 2 x 2: the same 18 steps per epoch
+    return ["train", model, "--dataset-path", str(synth_root), "--checkpoints-dir", str(ck), "--run-name", run, *args, *SIGNAL_ARGS]
 
 
 @pytest.fixture(scope="module")
-def uninterrupted_run(synth_root, tmp_path_factory) -> Path:
-    """The reference: the signal tests' configuration trained without interruption."""
-    base = tmp_path_factory.mktemp("uninterrupted")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(base)  # no stray .env
-        out = cli(*signal_train_args(synth_root, base / "ck", "ref"))
-    assert out.exit_code == 0, out.output
-    return base / "ck" / "arcface" / "ref"
+def uninterrupted_runs(synth_root, tmp_path_factory):
+    """The references: the signal tests' configuration trained without interruption, per model."""
+    runs: dict[str, Path] = {}
+
+    def get(model: str) -> Path:
+        if model not in runs:
+            base = tmp_path_factory.mktemp(f"uninterrupted-{model}")
+            with pytest.MonkeyPatch.context() as mp:
+                mp.chdir(base)  # no stray .env
+                out = cli(*signal_train_args(synth_root, base / "ck", "ref", model))
+            assert out.exit_code == 0, out.output
+            runs[model] = base / "ck" / model / "ref"
+        return runs[model]
+
+    return get
 
 
 def logged_steps(metrics: Path) -> list[int]:
@@ -195,20 +204,20 @@ def logged_steps(metrics: Path) -> list[int]:
     return steps
 
 
-def interrupt_training(synth_root: Path, tmp_path: Path, sig: int) -> tuple[int, str, Path]:
+def interrupt_training(synth_root: Path, tmp_path: Path, sig: int, model: str = "arcface") -> tuple[int, str, Path]:
     """Start ``facecli train`` in a process, send ``sig`` once its first step is logged.
 
     Two epochs of 18 steps: the signal lands mid-epoch unless this process stalls for
     a whole epoch of the child's steps."""
     ck = tmp_path / "ck"
-    run = ck / "arcface" / "sig"
+    run = ck / model / "sig"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
     for key in ("DATASET_PATH", "CHECKPOINTS_DIR", "WANDB_API_KEY"):
         env.pop(key, None)
     log = tmp_path / "train.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "facecli", *signal_train_args(synth_root, ck, "sig")], cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
+            [sys.executable, "-m", "facecli", *signal_train_args(synth_root, ck, "sig", model)], cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
         )
         try:
             deadline = time.monotonic() + 300
@@ -225,11 +234,11 @@ def interrupt_training(synth_root: Path, tmp_path: Path, sig: int) -> tuple[int,
     return code, log.read_text(), run
 
 
-def check_stopped_cleanly(sig: int, code: int, exit_code: int, output: str, run: Path) -> dict:
+def check_stopped_cleanly(sig: int, code: int, exit_code: int, output: str, run: Path, model: str = "arcface") -> dict:
     assert exit_code == code, output
     assert "Traceback" not in output
     assert f"{signal.Signals(sig).name} received" in output
-    assert "latest.pt saved" in output and "facecli resume arcface --run sig --from latest" in output
+    assert "latest.pt saved" in output and f"facecli resume {model} --run sig --from latest" in output
     saved = load_checkpoint(run / "latest.pt")
     # the checkpoint is at the step the run was on (every finished step is logged), mid-epoch
     assert saved["step"] == max(logged_steps(run / "metrics.jsonl"))
@@ -245,11 +254,13 @@ def test_sigterm_saves_the_current_step_and_exits_143(synth_root, tmp_path):
     check_stopped_cleanly(signal.SIGTERM, 143, exit_code, output, run)
 
 
-def test_sigint_saves_the_current_step_and_resume_matches_uninterrupted_run(synth_root, uninterrupted_run, tmp_path):
-    exit_code, output, run = interrupt_training(synth_root, tmp_path, signal.SIGINT)
-    saved = check_stopped_cleanly(signal.SIGINT, 130, exit_code, output, run)
+@pytest.mark.parametrize("model", ["arcface", "facenet"])
+def test_sigint_saves_the_current_step_and_resume_matches_uninterrupted_run(model, synth_root, uninterrupted_runs, tmp_path):
+    uninterrupted_run = uninterrupted_runs(model)
+    exit_code, output, run = interrupt_training(synth_root, tmp_path, signal.SIGINT, model)
+    saved = check_stopped_cleanly(signal.SIGINT, 130, exit_code, output, run, model)
 
-    out = cli("resume", "arcface", "--run", "sig", "--from", "latest", "--checkpoints-dir", tmp_path / "ck")
+    out = cli("resume", model, "--run", "sig", "--from", "latest", "--checkpoints-dir", tmp_path / "ck")
     assert out.exit_code == 0, out.output
     assert f"batch {saved['batch_in_epoch']}, step {saved['step']}" in out.output  # not from the last epoch end
     final = load_checkpoint(run / "latest.pt")
