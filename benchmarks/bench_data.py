@@ -92,7 +92,6 @@ def main(argv=None) -> int:
     threads = C.set_threads(args.threads)
 
     import numpy as np
-    import torch
     from torch.utils.data import DataLoader
 
     from facecli.data.folders import IdentityFolderDataset, collate_samples

@@ -285,11 +285,11 @@ def resume(
     from facecli.engine.trainer import Trainer
 
     settings = _settings()
-    path, cfg = prepare_resume(
+    path, cfg, ckpt = prepare_resume(
         Path(checkpoints_dir or settings.checkpoints_dir), model.value, run, from_.value,
         epochs=epochs, train_dir=train_dir, device=device, workers=workers, amp=amp, wandb=wandb,
     )
-    trainer = Trainer(cfg, resume_from=path, tracker_factory=_tracker_factory(settings, wandb), log=_log, warn=warn, progress_factory=_train_progress)
+    trainer = Trainer(cfg, resume_from=path, resume_checkpoint=ckpt, tracker_factory=_tracker_factory(settings, wandb), log=_log, warn=warn, progress_factory=_train_progress)
     result = trainer.run()
     if trainer.world.is_main:
         _print_training_result(result)

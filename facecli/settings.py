@@ -83,16 +83,3 @@ def load_settings(warn: Callable[[str], None] | None = None) -> Settings:
         detail = "; ".join(s.strip() for s in first[1:3]) if len(first) > 1 else str(e)
         raise UserError(f"Invalid setting in the environment or {ENV_FILE}: {detail}.") from e
 
-
-def require_dir(path: Path | None, setting: str, flag: str, what: str) -> Path:
-    """A directory the user configured, or one clear error naming the setting and the path."""
-    if path is None:
-        raise UserError(
-            f"No {what} given: set {setting} in the environment or .env, or pass {flag}."
-        )
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise UserError(f"{what.capitalize()} {str(p)!r} ({setting} / {flag}) does not exist.", hint="Check the path.")
-    if not p.is_dir():
-        raise UserError(f"{what.capitalize()} {str(p)!r} ({setting} / {flag}) is not a directory.")
-    return p

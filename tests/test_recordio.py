@@ -14,7 +14,6 @@ from PIL import Image
 from facecli.data.images import decode_image
 from facecli.data.recordio import (
     IR_SIZE,
-    MAGIC,
     RecordIODataset,
     RecordIOReader,
     RecordIOWriter,

@@ -4,11 +4,9 @@ and the W&B key never leaving memory."""
 
 from __future__ import annotations
 
-import pytest
 
 from conftest import REPO, TINY_TRAIN_ARGS, cli, one_line_error
-from facecli.errors import UserError
-from facecli.settings import check_env_file, load_settings, require_dir
+from facecli.settings import check_env_file, load_settings
 
 SECRET = "0123456789abcdef-not-a-real-key-fedcba9876543210"
 
@@ -129,18 +127,6 @@ def test_checkpoints_dir_without_runs_is_one_line_naming_the_path(monkeypatch, t
     monkeypatch.setenv("CHECKPOINTS_DIR", str(tmp_path / "empty-runs"))
     line = one_line_error(cli("resume", "arcface"))
     assert str(tmp_path / "empty-runs" / "arcface") in line and "CHECKPOINTS_DIR" in line
-
-
-def test_require_dir_names_the_setting_the_flag_and_the_path(tmp_path):
-    assert require_dir(tmp_path, "DATASET_PATH", "--dataset-path", "dataset path") == tmp_path
-    with pytest.raises(UserError) as info:
-        require_dir(tmp_path / "nope", "DATASET_PATH", "--dataset-path", "dataset path")
-    assert all(s in str(info.value) for s in ("DATASET_PATH", "--dataset-path", str(tmp_path / "nope"), "does not exist"))
-    (tmp_path / "f").write_text("")
-    with pytest.raises(UserError, match="is not a directory"):
-        require_dir(tmp_path / "f", "CHECKPOINTS_DIR", "--checkpoints-dir", "checkpoints folder")
-    with pytest.raises(UserError, match="set CHECKPOINTS_DIR .* or pass --checkpoints-dir"):
-        require_dir(None, "CHECKPOINTS_DIR", "--checkpoints-dir", "checkpoints folder")
 
 
 # ----------------------------------------------------------------- flags over settings

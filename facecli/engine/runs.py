@@ -53,7 +53,7 @@ RESUME_KEYS = ("train_config", "epoch", "batch_in_epoch", "step", "optimizer_sta
 
 
 def prepare_resume(checkpoints_dir: Path, model: str, run: str | None, which: str, **overrides):
-    """The checkpoint to resume from and the run's configuration with ``overrides`` applied.
+    """(path, configuration with ``overrides`` applied, loaded checkpoint) to resume from.
 
     Overrides are the run-environment settings (device, workers, amp, wandb, train_dir moved)
     and ``epochs`` (a new total). Everything else comes from the checkpoint.
@@ -78,4 +78,4 @@ def prepare_resume(checkpoints_dir: Path, model: str, run: str | None, which: st
             f"Run {path.parent.name} already finished {ckpt['epoch']} of {cfg.epochs} epochs.",
             hint="Pass --epochs with a larger total to train further.",
         )
-    return path, cfg
+    return path, cfg, ckpt

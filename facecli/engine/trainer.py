@@ -123,6 +123,7 @@ class Trainer:
         cfg: TrainConfig,
         *,
         resume_from: Path | None = None,
+        resume_checkpoint: dict | None = None,
         tracker_factory: Callable[[TrainConfig, Path, str, "dist_utils.World"], Tracker] | None = None,
         log: Callable[[str], None] = print,
         warn: Callable[[str], None] = print,
@@ -139,7 +140,11 @@ class Trainer:
         self.amp_dtype = amp_dtype(self.device, cfg.amp)
         self.channels_last = cfg.channels_last if cfg.channels_last is not None else self.device.type == "cuda"
         self._stop_signal: int | None = None
-        self.resume_ckpt = load_checkpoint(resume_from, expect_model=cfg.model) if resume_from else None
+        # ``resume_checkpoint``: the dict of ``resume_from`` when the caller has loaded it already
+        # (a ResNet-50 run over 10k identities is ~0.3 GB: read it once, not twice).
+        self.resume_ckpt = resume_checkpoint
+        if resume_from and self.resume_ckpt is None:
+            self.resume_ckpt = load_checkpoint(resume_from, expect_model=cfg.model)
 
         torch.manual_seed(cfg.seed)
         classes = self.resume_ckpt["classes"] if self.resume_ckpt else None
