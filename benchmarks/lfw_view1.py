@@ -48,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: facecli's, 0.1 for SGD)")
-    p.add_argument("--warmup-epochs", type=float, default=1.0)
+    p.add_argument("--warmup-epochs", type=float, default=None, help="default: facecli's")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--workers", type=int, default=4)
@@ -61,7 +61,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.backbone, args.image_size, args.epochs, args.batch_size = "resnet18", 32, 1, 64
-        args.warmup_epochs = 0.0
         args.max_identities = args.max_identities or 200
     for name in ("image_size", "epochs", "batch_size", "workers"):
         if getattr(args, name) < (0 if name == "workers" else 1):
@@ -133,12 +132,14 @@ def main(argv=None) -> dict:
     train = [
         "train", args.model, "--train-dir", str(images), "--identities", str(identities), "--lfw-dir", str(lfw),
         "--backbone", args.backbone, "--image-size", str(args.image_size), "--epochs", str(args.epochs),
-        "--batch-size", str(args.batch_size), "--warmup-epochs", str(args.warmup_epochs), "--seed", str(args.seed),
+        "--batch-size", str(args.batch_size), "--seed", str(args.seed),
         "--device", args.device, "--workers", str(args.workers), "--checkpoints-dir", str(checkpoints),
         "--run-name", run_name, "--no-eval", "--no-wandb",
     ]
     if args.lr is not None:
         train += ["--lr", str(args.lr)]
+    if args.warmup_epochs is not None:
+        train += ["--warmup-epochs", str(args.warmup_epochs)]
     train += shlex.split(args.train_args)
 
     t0 = time.perf_counter()

@@ -169,6 +169,10 @@ class MarginHead(nn.Module):
         self.margin = float(margin)
         self.weight = nn.Parameter(torch.empty(num_classes, embedding_dim))
         nn.init.normal_(self.weight, 0.0, 0.01)
+        # How much of the margin is applied: target = lerp(cos_y, margin target, w). 1 is the
+        # paper's head; the trainer ramps it from 0 (margin warm-up). A buffer, not a float, so
+        # changing it neither syncs nor recompiles; not persistent, so checkpoints are unchanged.
+        self.register_buffer("margin_weight", torch.ones((), dtype=torch.float32), persistent=False)
 
     # -- to be provided by subclasses ------------------------------------------------------
     @classmethod
@@ -224,13 +228,26 @@ class MarginHead(nn.Module):
         """
         valid, index, cos_y = self._index(cos, labels)
         if cos.requires_grad and torch.is_grad_enabled():
-            target, slope = self._target_and_slope(cos_y)
+            target, slope = self._blend(cos_y, *self._target_and_slope(cos_y))
             slope = torch.where(valid, slope, torch.ones_like(slope))
         else:
-            target, slope = self._target(cos_y), None
+            target, slope = self._blend(cos_y, self._target(cos_y), None)
         # Rows without a local target rewrite column 0 with its own value.
         new = torch.where(valid, target, cos_y)
         return _MarginLogits.apply(cos, index, new, slope, self.scale, None, None)
+
+    def _blend(self, cos_y: Tensor, target: Tensor, slope: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Target and slope with ``margin_weight`` of the margin: SphereFace's annealing of the
+        margin logit towards plain cos_y, exact (lerp) at weight 1."""
+        w = self.margin_weight.to(target.dtype)
+        target = torch.lerp(cos_y.to(target.dtype), target, w)
+        if slope is not None:
+            slope = torch.lerp(torch.ones_like(slope), slope, w.to(slope.dtype))
+        return target, slope
+
+    def set_margin_weight(self, weight: float) -> None:
+        """Apply ``weight`` (0..1) of the margin from the next forward on (no host sync)."""
+        self.margin_weight.fill_(float(weight))
 
     def hparams(self) -> dict:
         """Hyper-parameters needed to rebuild this head (stored in checkpoints)."""
@@ -382,7 +399,9 @@ class CurricularFace(MarginHead):
         m = self.margin
         need_grad = cos.requires_grad and torch.is_grad_enabled()
         target, slope = _arc_target_and_slope(cos_y, m) if need_grad else (_arc_target(cos_y, m), None)
+        target, slope = self._blend(cos_y, target, slope)
         cos_m = cos_y * math.cos(m) - _sin_from_cos(cos_y) * math.sin(m)  # hardness threshold (no fallback)
+        cos_m = torch.lerp(cos_y, cos_m, self.margin_weight.to(cos_m.dtype))
 
         if self.training and cos.shape[0]:
             with torch.no_grad():

@@ -29,7 +29,8 @@ class TrainConfig:
     weight_decay: float = 5e-4
     momentum: float = 0.9
     scheduler: str = "cosine"
-    warmup_epochs: float = 0.0
+    warmup_epochs: float = 1.0
+    margin_warmup_epochs: float | None = None  # None: the first 30% of the epochs (margin heads)
     milestones: list[int] | None = None
     margin: float | None = None  # head margin, or the triplet margin for FaceNet (0.2)
     scale: float | None = None
@@ -64,6 +65,10 @@ class TrainConfig:
             self.embedding_dim = 128 if self.model == "facenet" else 512
         if self.lr is None:
             self.lr = 1e-3 if self.optimizer == "adamw" else 0.1
+        if self.margin_warmup_epochs is None:
+            self.margin_warmup_epochs = 0.0 if self.model == "facenet" else round(0.3 * self.epochs, 3)
+        if self.margin_warmup_epochs < 0:
+            raise UserError(f"--margin-warmup-epochs must not be negative, got {self.margin_warmup_epochs}.")
         if self.eval_batch_size is not None and (not isinstance(self.eval_batch_size, int) or self.eval_batch_size <= 0):
             raise UserError(f"--eval-batch-size must be a positive integer, got {self.eval_batch_size}.")
         for name in ("epochs", "batch_size", "image_size", "embedding_dim", "keep_epochs", "log_every"):

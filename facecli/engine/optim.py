@@ -79,3 +79,15 @@ class Schedule:
         for group in optimizer.param_groups:
             group["lr"] = lr
         return lr
+
+
+def margin_weight_at(step: int, warmup_steps: int) -> float:
+    """The share of the margin applied at optimizer step ``step``: a linear ramp to 1.
+
+    SphereFace (Liu et al., 2017, Sec. 4) anneals its margin logit from plain softmax towards
+    the margin because a large margin from scratch does not converge; on small sets every
+    margin head collapses the same way (issue 13). A pure function of the step: exact resume.
+    """
+    if warmup_steps <= 0:
+        return 1.0
+    return min(1.0, (step + 1) / warmup_steps)

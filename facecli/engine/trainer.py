@@ -43,7 +43,7 @@ from facecli.data.samplers import PKBatchSampler, ShuffledBatchSampler
 from facecli.engine import distributed as dist_utils
 from facecli.engine.checkpoint import load_checkpoint, new_checkpoint, save_checkpoint
 from facecli.engine.config import TrainConfig
-from facecli.engine.optim import Schedule, build_optimizer
+from facecli.engine.optim import Schedule, build_optimizer, margin_weight_at
 from facecli.engine.tracking import MetricsFile, Tracker, scrub
 from facecli.errors import TrainingStopped, UserError
 from facecli.losses import build_head, semihard_triplet_loss
@@ -191,6 +191,8 @@ class Trainer:
             cfg.scheduler, cfg.lr, cfg.epochs * self.steps_per_epoch, self.steps_per_epoch, cfg.warmup_epochs, cfg.milestones
         )
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.margin_warmup_steps = int(round(cfg.margin_warmup_epochs * self.steps_per_epoch))
+        self._margin_weight: float | None = None
 
         # position
         self.epoch = 0
@@ -427,10 +429,19 @@ class Trainer:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         self.schedule.apply(self.optimizer, self.step)
+        self._apply_margin_weight(margin_weight_at(self.step, self.margin_warmup_steps))
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
             loss = self.forward_module(x, y)
         return loss
+
+    def _apply_margin_weight(self, weight: float) -> None:
+        if weight == self._margin_weight:
+            return
+        for module in self.model.modules():
+            if hasattr(module, "set_margin_weight"):
+                module.set_margin_weight(weight)
+        self._margin_weight = weight
 
     def run(self, stop_after_steps: int | None = None) -> TrainResult:
         """Train until ``cfg.epochs`` are done (or a signal, or ``stop_after_steps`` more steps)."""
