@@ -50,7 +50,7 @@ def _worker(rank: int, world_size: int, cfg: dict, port: int, out_file: str) -> 
     if device.type == "cuda":
         device = torch.device("cuda", rank)
         torch.cuda.set_device(device)
-    world = dist_utils.init(device.type) if world_size > 1 else dist_utils.World()
+    world = dist_utils.init(device) if world_size > 1 else dist_utils.World()
     amp = torch.bfloat16 if device.type == "cuda" else None
     step = Step(cfg["backbone"], cfg["classes"], cfg["batch"], cfg["image_size"], device, amp=amp,
                 channels_last=device.type == "cuda", seed=rank)
@@ -65,7 +65,7 @@ def _worker(rank: int, world_size: int, cfg: dict, port: int, out_file: str) -> 
 
     def one():
         step()
-        dist_utils.any_true(False, world, device)
+        dist_utils.agree(world, 1, False)
 
     for _ in range(cfg["warmup"]):
         one()

@@ -8,6 +8,7 @@ exit non-zero; ``facecli --debug ...`` shows the traceback too.
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import os
 import sys
@@ -33,32 +34,6 @@ app = typer.Typer(
 )
 
 _state = {"debug": False}
-
-
-class Model(str, Enum):
-    sphereface = "sphereface"
-    cosface = "cosface"
-    arcface = "arcface"
-    curricularface = "curricularface"
-    facenet = "facenet"
-
-
-class Backbone(str, Enum):
-    resnet18 = "resnet18"
-    resnet34 = "resnet34"
-    resnet50 = "resnet50"
-    resnet101 = "resnet101"
-
-
-class Optimizer(str, Enum):
-    sgd = "sgd"
-    adamw = "adamw"
-
-
-class Scheduler(str, Enum):
-    cosine = "cosine"
-    step = "step"
-    constant = "constant"
 
 
 class ResumeFrom(str, Enum):
@@ -92,6 +67,13 @@ def guarded(fn: Callable) -> Callable:
             _fail("interrupted.", 130)
 
     return wrapper
+
+
+def guarded_derived(body: Callable, parameters: Callable) -> "DerivedCommand":
+    """A command whose flags derive from the settings (see :mod:`facecli.cli_config`), with ``guarded``'s errors."""
+    from facecli.cli_config import DerivedCommand
+
+    return DerivedCommand(guarded(body), parameters)
 
 
 def _version(value: bool):
@@ -149,152 +131,103 @@ def _print_training_result(result) -> None:
     console.print(f"Run directory: {result.run_dir}", markup=False)
 
 
-@app.command()
-@guarded
-def train(
-    model: Model = typer.Argument(..., help="Loss: sphereface, cosface, arcface, curricularface or facenet."),
-    dataset_path: Optional[Path] = typer.Option(None, help="Dataset root (default: DATASET_PATH); holds CASIA-webface/ and LFW."),
-    train_dir: Optional[Path] = typer.Option(None, help="Folder of identity folders, or of train.rec/train.idx (default: under the dataset root)."),
-    train_rec: Optional[Path] = typer.Option(None, help="Folder holding insightface's train.rec/train.idx (same as --train-dir on it)."),
-    identities: Optional[Path] = typer.Option(None, help="Train only on the identities listed in this file (e.g. LFW's peopleDevTrain.txt)."),
-    lfw_dir: Optional[Path] = typer.Option(None, help="LFW folder for evaluation (default: under the dataset root)."),
-    backbone: Backbone = typer.Option(Backbone.resnet50, help="Backbone network."),
-    pretrained: bool = typer.Option(False, "--pretrained/--no-pretrained", help="Start the backbone from ImageNet weights."),
-    embedding_dim: Optional[int] = typer.Option(None, help="Embedding size (default 512; 128 for facenet)."),
-    epochs: int = typer.Option(20, help="Epochs to train."),
-    batch_size: int = typer.Option(128, help="Batch size per process."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default 0.1 for SGD, 1e-3 for AdamW)."),
-    optimizer: Optimizer = typer.Option(Optimizer.sgd, help="sgd (momentum 0.9) or adamw."),
-    weight_decay: float = typer.Option(5e-4, help="Weight decay (not applied to norms and biases)."),
-    scheduler: Scheduler = typer.Option(Scheduler.cosine, help="Learning-rate schedule after warm-up."),
-    warmup_epochs: float = typer.Option(1.0, help="Linear learning-rate warm-up length in epochs."),
-    margin_warmup_epochs: Optional[float] = typer.Option(None, help="Ramp the head's margin in from plain softmax over this many epochs (default: the first 30% of the epochs; 0: off)."),
-    milestones: Optional[str] = typer.Option(None, help="Step schedule: comma-separated epochs where lr drops x0.1."),
-    margin: Optional[float] = typer.Option(None, help="Margin m (head default) or FaceNet's triplet margin (0.2)."),
-    scale: Optional[float] = typer.Option(None, help="Scale s of the margin head (head default)."),
-    curricular_momentum: Optional[float] = typer.Option(None, help="CurricularFace's t momentum (0.01)."),
-    images_per_identity: int = typer.Option(4, help="FaceNet: K images per identity in each P x K batch."),
-    image_size: int = typer.Option(112, help="Input size in pixels (square)."),
-    crop_fraction: Optional[float] = typer.Option(None, help="Centre crop before resizing (default: 0.6 for 250x250 images, else 1)."),
-    dropout: float = typer.Option(0.0, help="Dropout before the embedding layer."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
-    amp: bool = typer.Option(True, "--amp/--no-amp", help="Mixed precision on CUDA (bf16 where supported, else fp16)."),
-    channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last", help="NHWC layout (default: on for CUDA)."),
-    compile: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile the model."),
-    workers: int = typer.Option(4, min=0, help="DataLoader worker processes."),
-    seed: int = typer.Option(0, help="Random seed (data order, flips, initialisation)."),
-    checkpoints_dir: Optional[Path] = typer.Option(None, help="Where runs are written (default: CHECKPOINTS_DIR or ./checkpoints)."),
-    run_name: Optional[str] = typer.Option(None, help="Run directory name (default: a timestamp)."),
-    checkpoint_every: int = typer.Option(0, help="Also save latest.pt every N steps (0: at epoch ends only)."),
-    log_every: int = typer.Option(10, help="Log loss, lr and images/s to metrics.jsonl (and W&B) every N steps."),
-    eval: bool = typer.Option(True, "--eval/--no-eval", help="Tune the threshold on View 1 and report View 2 at the end."),
-    eval_every: int = typer.Option(0, help="Evaluate View 1 every N epochs and keep best.pt (0: never)."),
-    val_bin: List[Path] = typer.Option([], "--val-bin", help="insightface .bin sets to evaluate (repeatable)."),
-    sharded_head: bool = typer.Option(False, "--sharded-head/--no-sharded-head", help="Shard the class weights across processes (Partial FC style)."),
-    wandb: Optional[bool] = typer.Option(None, "--wandb/--no-wandb", help="Track in Weights & Biases (default: on when a key is set)."),
-    wandb_artifacts: bool = typer.Option(False, help="Upload checkpoints as W&B artifacts."),
-):
-    """Train a model; writes <checkpoints>/<model>/<run>/ with latest.pt, min_loss.pt, epoch_NNN.pt."""
-    from facecli.data import resolve_lfw_dir, resolve_train_dir
-    from facecli.engine.config import TrainConfig
+def _train_parameters() -> list[inspect.Parameter]:
+    from facecli.cli_config import _param, choice_type, config_options, load_plugins
+    from facecli.engine.config import choices
+
+    load_plugins()
+    fixed = [
+        _param("model", Optional[choice_type("model", choices("model"))], typer.Argument(None, help="Loss to train (may come from --config instead).", show_default=False)),
+        _param("config", Optional[Path], typer.Option(None, "--config", help="YAML, TOML or JSON file of settings (keys as in --print-config); flags override it.")),
+        _param("print_config", bool, typer.Option(False, "--print-config", help="Print the resolved configuration as YAML (what --config reads) and train nothing.")),
+        _param("dataset_path", Optional[Path], typer.Option(None, help="Dataset root (default: DATASET_PATH); holds CASIA-webface/ and LFW.")),
+        _param("train_rec", Optional[Path], typer.Option(None, help="Folder holding insightface's train.rec/train.idx (same as --train-dir on it).")),
+    ]
+    return fixed + config_options()
+
+
+def _train(**kw):
+    """Train a model; writes <checkpoints>/<model>/<run>/ with latest.pt, min_loss.pt, epoch_NNN.pt, config.yaml."""
+    from facecli.engine.config import dump_yaml
     from facecli.engine.trainer import Trainer
 
     settings = _settings()
-    root = dataset_path or settings.dataset_path
-    if dataset_path is None and root is not None and train_dir is None and train_rec is None and not Path(root).expanduser().is_dir():
-        raise UserError(f"DATASET_PATH {str(root)!r} does not exist or is not a directory.", hint="Fix DATASET_PATH or pass --dataset-path.")
-    chosen_train = resolve_train_dir(train_rec or train_dir, root)
-    chosen_lfw = resolve_lfw_dir(lfw_dir, root)
-    cfg = TrainConfig(
-        model=model.value,
-        train_dir=str(chosen_train),
-        identities_file=str(identities) if identities else None,
-        lfw_dir=str(chosen_lfw) if chosen_lfw else None,
-        backbone=backbone.value,
-        pretrained=pretrained,
-        embedding_dim=embedding_dim,
-        dropout=dropout,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        optimizer=optimizer.value,
-        weight_decay=weight_decay,
-        scheduler=scheduler.value,
-        warmup_epochs=warmup_epochs,
-        margin_warmup_epochs=margin_warmup_epochs,
-        milestones=_int_list(milestones, "--milestones"),
-        margin=margin,
-        scale=scale,
-        curricular_momentum=curricular_momentum,
-        images_per_identity=images_per_identity,
-        image_size=image_size,
-        crop_fraction=crop_fraction,
-        device=device,
-        amp=amp,
-        channels_last=channels_last,
-        compile=compile,
-        workers=workers,
-        seed=seed,
-        run_name=run_name,
-        checkpoints_dir=str(checkpoints_dir or settings.checkpoints_dir),
-        checkpoint_every=checkpoint_every,
-        log_every=log_every,
-        eval=eval,
-        eval_every=eval_every,
-        val_bins=[str(p) for p in val_bin],
-        sharded_head=sharded_head,
-        wandb=wandb,
-        wandb_artifacts=wandb_artifacts,
-    )
-    trainer = Trainer(cfg, tracker_factory=_tracker_factory(settings, wandb), log=_log, warn=warn, progress_factory=_train_progress)
+    cfg = _train_config(kw, settings)
+    if kw["print_config"]:
+        console.print(dump_yaml(cfg), markup=False, highlight=False, end="")
+        return
+    trainer = Trainer(cfg, tracker_factory=_tracker_factory(settings, cfg.wandb), log=_log, warn=warn, progress_factory=_train_progress)
     result = trainer.run()
     if trainer.world.is_main:
         _print_training_result(result)
+
+
+def _train_config(kw: dict, settings):
+    """File < flags; the data folders resolved against --dataset-path / DATASET_PATH."""
+    from facecli.cli_config import file_origins, flag_origins, given_values
+    from facecli.data import resolve_lfw_dir, resolve_train_dir
+    from facecli.engine.config import TrainConfig, read_config_file
+
+    values: dict = {}
+    origins: dict = {}
+    if kw["config"] is not None:
+        values = read_config_file(kw["config"])
+        origins = file_origins(kw["config"], values)
+    flags = given_values(kw)
+    values.update(flags)
+    origins.update(flag_origins(flags))
+    if kw["model"]:
+        values["model"], origins["model"] = kw["model"].value, "MODEL"
+    if "model" not in values:
+        raise UserError("No model to train: name one (`facecli train arcface`) or set `model:` in the --config file.")
+    root = kw["dataset_path"] or settings.dataset_path
+    given_train = kw["train_rec"] or values.get("train_dir")
+    if kw["dataset_path"] is None and root is not None and given_train is None and not Path(root).expanduser().is_dir():
+        raise UserError(f"DATASET_PATH {str(root)!r} does not exist or is not a directory.", hint="Fix DATASET_PATH or pass --dataset-path.")
+    values["train_dir"] = str(resolve_train_dir(given_train, root))
+    lfw = resolve_lfw_dir(values.get("lfw_dir"), root)
+    values["lfw_dir"] = str(lfw) if lfw else None
+    values.setdefault("checkpoints_dir", str(settings.checkpoints_dir))
+    return TrainConfig.build(values, origins)
+
+
+train = app.command("train")(guarded_derived(_train, _train_parameters))
 
 
 def _log(message: str) -> None:
     console.print(message, markup=False, highlight=False)
 
 
-def _int_list(text: str | None, flag: str) -> list[int] | None:
-    if not text:
-        return None
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"{flag} must be comma-separated epoch numbers, got {text!r}.")
-    if any(v <= 0 for v in values):
-        raise UserError(f"{flag} epochs must be positive, got {text!r}.")
-    return values
+def _resume_parameters() -> list[inspect.Parameter]:
+    from facecli.cli_config import _param, choice_type, config_options, load_plugins, resume_keys
+    from facecli.engine.config import choices
+
+    load_plugins()
+    fixed = [
+        _param("model", choice_type("model", choices("model")), typer.Argument(..., help="The model of the run to continue.")),
+        _param("from_", ResumeFrom, typer.Option(ResumeFrom.latest, "--from", help="latest, min_loss or best checkpoint of the run.")),
+        _param("run", Optional[str], typer.Option(None, "--run", "--run-name", help="Run name (default: the newest run of MODEL). Under torchrun write --run-name (torchrun reads --run as its own --run-path).")),
+    ]
+    return fixed + config_options(keys=resume_keys())
 
 
-@app.command()
-@guarded
-def resume(
-    model: Model = typer.Argument(..., help="The model of the run to continue."),
-    from_: ResumeFrom = typer.Option(ResumeFrom.latest, "--from", help="latest, min_loss or best checkpoint of the run."),
-    run: Optional[str] = typer.Option(None, "--run", "--run-name", help="Run name (default: the newest run of MODEL). Under torchrun write --run-name (torchrun reads --run as its own --run-path)."),
-    epochs: Optional[int] = typer.Option(None, help="Train until this many epochs in total (default: the run's)."),
-    checkpoints_dir: Optional[Path] = typer.Option(None, help="Where runs are (default: CHECKPOINTS_DIR or ./checkpoints)."),
-    train_dir: Optional[Path] = typer.Option(None, help="Training data, if it moved since the run started."),
-    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda or cuda:N (default: the run's)."),
-    workers: Optional[int] = typer.Option(None, min=0, help="DataLoader worker processes (default: the run's)."),
-    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="Mixed precision on CUDA (default: the run's)."),
-    wandb: Optional[bool] = typer.Option(None, "--wandb/--no-wandb", help="Track in Weights & Biases."),
-):
+def _resume(**kw):
     """Continue a run from its latest (or min_loss/best) checkpoint, with everything restored."""
+    from facecli.cli_config import given_values
     from facecli.engine.runs import prepare_resume
     from facecli.engine.trainer import Trainer
 
     settings = _settings()
-    path, cfg, ckpt = prepare_resume(
-        Path(checkpoints_dir or settings.checkpoints_dir), model.value, run, from_.value,
-        epochs=epochs, train_dir=train_dir, device=device, workers=workers, amp=amp, wandb=wandb,
-    )
-    trainer = Trainer(cfg, resume_from=path, resume_checkpoint=ckpt, tracker_factory=_tracker_factory(settings, wandb), log=_log, warn=warn, progress_factory=_train_progress)
+    overrides = given_values(kw)
+    checkpoints_dir = Path(overrides.pop("checkpoints_dir", None) or settings.checkpoints_dir)
+    path, cfg, ckpt = prepare_resume(checkpoints_dir, kw["model"].value, kw["run"], kw["from_"].value, overrides)
+    trainer = Trainer(cfg, resume_from=path, resume_checkpoint=ckpt, tracker_factory=_tracker_factory(settings, cfg.wandb), log=_log, warn=warn, progress_factory=_train_progress)
     result = trainer.run()
     if trainer.world.is_main:
         _print_training_result(result)
+
+
+resume = app.command("resume")(guarded_derived(_resume, _resume_parameters))
 
 
 @app.command()
@@ -337,6 +270,16 @@ def _load(checkpoint: Path, device):
     return load_model(checkpoint, device=device)
 
 
+def _embedder(checkpoint: Path, device: str | None, flip: bool, batch_size: int | None, workers: int, amp: bool = True):
+    """(loaded model, its Embedder): what every evaluation command starts from."""
+    from facecli.evaluation.embedding import Embedder
+
+    _positive(batch_size, "--batch-size")
+    dev = _device(device)
+    fm = _load(checkpoint, dev)
+    return fm, Embedder(fm.net, fm.preprocess, dev, flip, batch_size, workers, amp)
+
+
 def _lfw_for_eval(lfw_dir: Optional[Path]) -> Path:
     from facecli.data import resolve_lfw_dir
 
@@ -360,22 +303,22 @@ def eval_lfw(
     workers: int = typer.Option(2, min=0, help="DataLoader worker processes."),
     allow_missing: bool = typer.Option(False, help="Evaluate even if some pair images are missing (they are counted)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the figures to this JSON file (pictures go beside it)."),
+    amp: bool = typer.Option(True, "--amp/--no-amp", help="Mixed precision on CUDA (as in training)."),
 ):
     """LFW View 2: 10-fold accuracy (threshold of each fold chosen on the other nine), AUC, EER, TAR@FAR."""
     from facecli.data.lfw import find_image_root, read_pairs
     from facecli.evaluation.reports import verification_table
     from facecli.evaluation.runner import evaluate_bin, evaluate_pair_set, resolve_pairs_arg, save_pictures, write_json
 
-    _positive(batch_size, "--batch-size")
-    dev = _device(device)
-    fm = _load(checkpoint, dev)
+    fm, embedder = _embedder(checkpoint, device, flip, batch_size, workers, amp)
     if bin is not None:
-        ev = evaluate_bin(fm.net, fm.preprocess, bin, dev, flip, batch_size, workers, _progress_factory)
+        ev = evaluate_bin(embedder, bin, _progress_factory)
     else:
         lfw = _lfw_for_eval(lfw_dir)
         pair_set = read_pairs(resolve_pairs_arg(pairs, lfw, "pairs.txt"), find_image_root(lfw), allow_missing=allow_missing)
-        ev = evaluate_pair_set(fm.net, fm.preprocess, pair_set, dev, flip, batch_size, workers, _progress_factory, name="LFW")
+        ev = evaluate_pair_set(embedder, pair_set, _progress_factory, name="LFW")
     console.print(verification_table(ev.report, title=f"{ev.name} verification, {len(ev.scores)} pairs, 10-fold"))
+    _warn_if_bunched(float(sorted(ev.report.fold_thresholds)[len(ev.report.fold_thresholds) // 2]), ev.scores)
     console.print(
         f"{ev.unique_images} distinct images, {ev.forward_passes} forward passes, {ev.seconds:.1f} s"
         + (f", {ev.missing} pairs missing" if ev.missing else ""),
@@ -403,23 +346,21 @@ def eval_sets(
     device: Optional[str] = typer.Option(None),
     workers: int = typer.Option(2, min=0),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write all figures to this JSON file."),
+    amp: bool = typer.Option(True, "--amp/--no-amp", help="Mixed precision on CUDA (as in training)."),
 ):
     """Evaluate several verification sets (.bin files, LFW folders) and report them in one table."""
     from facecli.data.lfw import find_image_root, read_pairs
     from facecli.evaluation.reports import summary_table
-    from facecli.evaluation.runner import evaluate_bin, evaluate_pair_set, lfw_pair_file, write_json
+    from facecli.evaluation.runner import evaluate_bin, evaluate_lfw_view2, write_json
 
     if not bin and lfw_dir is None:
         raise UserError("Nothing to evaluate: pass --bin FILE (repeatable) and/or --lfw-dir DIR.")
-    _positive(batch_size, "--batch-size")
-    dev = _device(device)
-    fm = _load(checkpoint, dev)
+    fm, embedder = _embedder(checkpoint, device, flip, batch_size, workers, amp)
     results = []
     if lfw_dir is not None:
-        pair_set = read_pairs(lfw_pair_file(lfw_dir, "pairs.txt"), find_image_root(lfw_dir))
-        results.append(evaluate_pair_set(fm.net, fm.preprocess, pair_set, dev, flip, batch_size, workers, _progress_factory, name="LFW"))
+        results.append(evaluate_lfw_view2(embedder, lfw_dir, _progress_factory))
     for path in bin:
-        results.append(evaluate_bin(fm.net, fm.preprocess, path, dev, flip, batch_size, workers, _progress_factory))
+        results.append(evaluate_bin(embedder, path, _progress_factory))
     console.print(summary_table([(r.name, r.report) for r in results], title="Verification (10-fold)"))
     if json_out:
         write_json(json_out, {r.name: r.to_dict() for r in results})
@@ -439,6 +380,7 @@ def tune_threshold_cmd(
     workers: int = typer.Option(2, min=0),
     save: bool = typer.Option(False, "--save/--no-save", help="Store the threshold in the checkpoint (atomically)."),
     json_out: Optional[Path] = typer.Option(None, "--json"),
+    amp: bool = typer.Option(True, "--amp/--no-amp", help="Mixed precision on CUDA (as in training)."),
 ):
     """Choose the verification threshold on View 1 training pairs and report View 1 test accuracy."""
     from facecli.data.lfw import find_image_root, read_pairs
@@ -446,16 +388,14 @@ def tune_threshold_cmd(
     from facecli.evaluation.reports import save_threshold_curve, threshold_table
     from facecli.evaluation.runner import resolve_pairs_arg, tune_threshold, write_json
 
-    _positive(batch_size, "--batch-size")
-    dev = _device(device)
-    fm = _load(checkpoint, dev)
+    fm, embedder = _embedder(checkpoint, device, flip, batch_size, workers, amp)
     lfw = _lfw_for_eval(lfw_dir)
     root = find_image_root(lfw)
     train_set = read_pairs(resolve_pairs_arg(pairs, lfw, "pairsDevTrain.txt"), root)
-    test_file = resolve_pairs_arg(test_pairs, lfw, "pairsDevTest.txt")
-    test_set = read_pairs(test_file, root)
-    choice = tune_threshold(fm.net, fm.preprocess, train_set, test_set, dev, flip, batch_size, workers, _progress_factory)
+    test_set = read_pairs(resolve_pairs_arg(test_pairs, lfw, "pairsDevTest.txt"), root)
+    choice = tune_threshold(embedder, train_set, test_set, _progress_factory)
     console.print(threshold_table(choice.candidates, choice.accuracies, choice.threshold))
+    _warn_if_bunched(choice.threshold)
     console.print(
         f"Threshold {choice.threshold:.4f}: training-pairs accuracy {100 * choice.train_accuracy:.2f}% ({choice.train_pairs} pairs), "
         f"test-pairs accuracy {100 * choice.test_accuracy:.2f}% ({choice.test_pairs} pairs).",
@@ -539,45 +479,52 @@ def align(
         raise typer.Exit(1)
 
 
-@app.command()
-@guarded
-def demo(
-    out_dir: Path = typer.Option(Path("demo"), "--out", help="Where the synthetic set and the run go."),
-    model: Model = typer.Option(Model.arcface, help="Loss to train."),
-    backbone: Backbone = typer.Option(Backbone.resnet18, help="Backbone network."),
-    epochs: int = typer.Option(4, help="Training epochs."),
-    image_size: int = typer.Option(48, help="Input size (the set is drawn at 112 and resized)."),
-    batch_size: int = typer.Option(64),
-    lr: float = typer.Option(0.1),
-    workers: int = typer.Option(2, min=0),
-    seed: int = typer.Option(0),
-    identities: int = typer.Option(200, help="Synthetic training identities."),
-    test_identities: int = typer.Option(60, help="Synthetic held-out identities."),
-    images_per_identity: int = typer.Option(20, help="Synthetic images per identity."),
-):
+def _demo_parameters() -> list[inspect.Parameter]:
+    from facecli.cli_config import _param, choice_type, config_options, load_plugins
+    from facecli.demo import DEMO_SETTINGS
+    from facecli.engine.config import choices
+
+    load_plugins()
+    model = choice_type("model", choices("model"))
+    fixed = [
+        _param("out_dir", Path, typer.Option(Path("demo"), "--out", help="Where the synthetic set and the run go.")),
+        _param("model", model, typer.Option(model("arcface"), help="Loss to train.")),
+        _param("identities", int, typer.Option(200, help="Synthetic training identities.")),
+        _param("test_identities", int, typer.Option(60, help="Synthetic held-out identities.")),
+        _param("images_per_identity", int, typer.Option(20, help="Synthetic images per identity.")),
+    ]
+    keys = set(DEMO_SETTINGS) - {"scale", "margin"}
+    return fixed + config_options(keys=keys, defaults=DEMO_SETTINGS)
+
+
+def _demo(**kw):
     """The main job on the embedded synthetic set: train on the CPU, show held-out accuracy, trained vs untrained."""
+    import shlex
+
     from rich.table import Table
 
+    from facecli.cli_config import given_values
     from facecli.demo import run_demo
 
+    out_dir, model = kw["out_dir"], kw["model"].value
     res = run_demo(
-        out_dir, model=model.value, backbone=backbone.value, epochs=epochs, image_size=image_size, batch_size=batch_size,
-        lr=lr, workers=workers, seed=seed, identities=identities, test_identities=test_identities,
-        images_per_identity=images_per_identity, log=_log, warn=warn, progress=_progress_factory, train_progress=_train_progress,
+        out_dir, model=model, settings=given_values(kw), identities=kw["identities"], test_identities=kw["test_identities"],
+        images_per_identity=kw["images_per_identity"], log=_log, warn=warn, progress=_progress_factory, train_progress=_train_progress,
     )
     t = Table(title=f"Held-out verification: synthetic LFW View 2, {res.trained['pairs']} pairs, 10-fold")
     for col in ("network", "accuracy", "AUC", "EER"):
         t.add_column(col, justify="left" if col == "network" else "right")
-    for name, r in (("untrained", res.untrained), (f"trained ({model.value}, {epochs} epochs)", res.trained)):
+    for name, r in (("untrained", res.untrained), (f"trained ({model}, {res.epochs} epochs)", res.trained)):
         t.add_row(name, f"{100 * r['accuracy']:.2f} ± {100 * r['accuracy_std']:.2f}%", f"{r['auc']:.4f}", f"{100 * r['eer']:.2f}%")
     console.print(t)
     if res.dev_test_accuracy is not None:
         console.print(f"View 1 dev-test accuracy at the threshold tuned on dev-train: {100 * res.dev_test_accuracy:.2f}%", markup=False)
-    import shlex
-
     ckpt, lfw = str(res.run_dir / "latest.pt"), str(out_dir / "data" / "Labeled Faces in the Wild (LFW)")
     console.print(f"Run directory: {res.run_dir}", markup=False)
     console.print(f"Next: facecli eval-lfw {shlex.quote(ckpt)} --lfw-dir {shlex.quote(lfw)}", markup=False)
+
+
+demo = app.command("demo")(guarded_derived(_demo, _demo_parameters))
 
 
 @app.command()
@@ -606,6 +553,12 @@ def info(checkpoint: Path = typer.Argument(..., help="A facecli checkpoint (.pt)
     for k, v in rows:
         t.add_row(k, v)
     console.print(t)
+
+
+def _warn_if_bunched(threshold: float, scores=None) -> None:
+    from facecli.engine.health import warn_if_bunched
+
+    warn_if_bunched(warn, threshold, scores)
 
 
 def _positive(value: int | None, flag: str) -> None:

@@ -19,7 +19,11 @@ the training loss. Every head shares one pipeline, kept as cheap as the no-margi
 ``logits_from_cos`` also takes labels equal to -1 (the target column is not in this cos
 matrix) so a class-sharded head can reuse it on its slice of W.
 
-Adding a loss is one class decorated with ``@register_head("name")``.
+Adding a loss is one class: a margin head decorated with ``@register_head("name")``, or any
+:class:`Loss` (embeddings and labels in, a scalar loss out) with ``@register_loss("name")``.
+Each declares its hyper-parameters as :class:`HParam` (name, default, range, help); the
+``train`` flags and config-file keys are derived from them. FaceNet's semi-hard triplet loss
+is the registered loss ``facenet``, so the trainer never asks which loss it has.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import contextlib
 import math
 import numbers
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +42,12 @@ from facecli.errors import UserError
 
 __all__ = [
     "HEADS",
+    "LOSSES",
+    "HParam",
+    "Loss",
+    "TripletLoss",
+    "register_loss",
+    "build_loss",
     "MarginHead",
     "CosFace",
     "ArcFace",
@@ -47,12 +58,83 @@ __all__ = [
     "semihard_triplet_loss",
 ]
 
-HEADS: dict[str, type["MarginHead"]] = {}
+HEADS: dict[str, type["MarginHead"]] = {}  # the margin heads (cross-entropy over class weights)
+LOSSES: dict[str, type["Loss"]] = {}  # every training loss: the margin heads and the rest (FaceNet)
 
 # Keeps the derivative of arccos / sqrt(1 - c^2) finite at exactly |c| = 1. In float32 this is
 # one ulp below 1, so only |cos| == 1 itself is moved (by 1.2e-7).
 _EDGE = 2.0**-23
 _SIN2_FLOOR = 1e-12
+
+
+@dataclass(frozen=True)
+class HParam:
+    """A hyper-parameter a loss declares. ``name`` is the constructor keyword (and the key in
+    checkpoints); ``key`` the flag and config key where ``name`` would clash with a training
+    setting (CurricularFace's ``momentum`` is ``curricular_momentum``)."""
+
+    name: str
+    default: float
+    help: str
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    key: str | None = None
+    hint: str = ""  # advice added to a range error
+
+    @property
+    def option(self) -> str:
+        return self.key or self.name
+
+    def rule(self) -> str:
+        lo = None if self.low is None else ("(" if self.low_open else "[") + _fmt(self.low)
+        hi = None if self.high is None else _fmt(self.high) + (")" if self.high_open else "]")
+        if lo and hi:
+            return f"in {lo}, {hi}"
+        if lo:
+            return ("> " if self.low_open else ">= ") + _fmt(self.low)
+        if hi:
+            return ("< " if self.high_open else "<= ") + _fmt(self.high)
+        return "any number"
+
+    def check(self, value, owner: str) -> float:
+        """``value`` as a float inside the range, or a one-line UserError naming ``owner`` and the option."""
+        number = _real(value, self.name, owner)
+        low_bad = self.low is not None and (number <= self.low if self.low_open else number < self.low)
+        high_bad = self.high is not None and (number >= self.high if self.high_open else number > self.high)
+        if low_bad or high_bad:
+            raise UserError(f"{owner}: {self.name} {number:g} is out of range; it must be {self.rule()}.", hint=self.advice())
+        return number
+
+    def advice(self) -> str:
+        return f"The default is {self.default:g}." + (f" {self.hint}" if self.hint else "")
+
+    def in_range(self, value) -> bool:
+        try:
+            self.check(value, "")
+        except UserError:
+            return False
+        return True
+
+
+def _fmt(x: float) -> str:
+    return "pi" if x == math.pi else f"{x:g}"
+
+
+def register_loss(name: str) -> Callable[[type["Loss"]], type["Loss"]]:
+    """Class decorator: make a :class:`Loss` subclass a ``facecli train`` model named ``name``."""
+
+    def decorate(cls: type[Loss]) -> type[Loss]:
+        if not (isinstance(cls, type) and issubclass(cls, Loss)):
+            raise TypeError(f"@register_loss({name!r}) must decorate a Loss subclass, got {cls!r}")
+        if name in LOSSES and LOSSES[name] is not cls:
+            raise ValueError(f"a loss named {name!r} is already registered ({LOSSES[name].__name__})")
+        cls.name = name
+        LOSSES[name] = cls
+        return cls
+
+    return decorate
 
 
 def register_head(name: str) -> Callable[[type["MarginHead"]], type["MarginHead"]]:
@@ -63,7 +145,7 @@ def register_head(name: str) -> Callable[[type["MarginHead"]], type["MarginHead"
             raise TypeError(f"@register_head({name!r}) must decorate a MarginHead subclass, got {cls!r}")
         if name in HEADS and HEADS[name] is not cls:
             raise ValueError(f"a margin head named {name!r} is already registered ({HEADS[name].__name__})")
-        cls.name = name
+        register_loss(name)(cls)
         HEADS[name] = cls
         return cls
 
@@ -130,43 +212,91 @@ class _MarginLogits(torch.autograd.Function):
         return g, None, None, None, None, None, None
 
 
-class MarginHead(nn.Module):
-    """Normalised linear classifier whose target logit gets an angular or additive margin.
+class Loss(nn.Module):
+    """A training loss: ``loss(embeddings, labels)`` -> scalar. What the trainer knows of a model.
 
-    Subclasses set ``default_scale``/``default_margin``, ``margin_rule`` (text for errors) and
-    implement ``_margin_ok`` and ``_target`` (the margin transform of cos_y, on B values).
+    Class attributes tell the trainer what the loss needs: the embedding size it defaults
+    to, whether the network L2-normalises its output, the batch layout (``"pk"``: P
+    identities x K images) and whether its weights can be sharded across processes.
+    The checkpoint methods are the interface the class-sharded head shares.
     """
 
     name: str = ""
+    label: str = ""  # how messages name it (default: its registered name)
+    default_embedding_dim: int = 512
+    normalize_embeddings: bool = False
+    batch_layout: str = "shuffled"
+    shardable: bool = False
+    sharded: bool = False
+
+    @classmethod
+    def hyper_parameters(cls) -> tuple[HParam, ...]:
+        return ()
+
+    @classmethod
+    def check_hparams(cls, given: dict) -> dict[str, float]:
+        """Every declared hyper-parameter, validated, with defaults for those not given (None)."""
+        label = cls.name or cls.__name__
+        specs = {h.name: h for h in cls.hyper_parameters()}
+        unknown = sorted(k for k, v in given.items() if v is not None and k not in specs)
+        if unknown:
+            raise UserError(f"{label}: option(s) {', '.join(unknown)} do not apply to this head.", hint=f"It accepts: {', '.join(sorted(specs)) or 'none'}.")
+        return {n: h.default if given.get(n) is None else h.check(given[n], label) for n, h in specs.items()}
+
+    def loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def hparams(self) -> dict:
+        """Hyper-parameters needed to rebuild this loss (stored in checkpoints)."""
+        return {h.name: getattr(self, h.name) for h in self.hyper_parameters()}
+
+    def full_state_dict(self) -> dict | None:
+        return {k: v.detach().cpu() for k, v in self.state_dict().items()}
+
+    def load_full_state_dict(self, state: dict) -> None:
+        self.load_state_dict(state)
+
+    def gather_optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict | None:
+        return optimizer.state_dict()
+
+    def scatter_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict) -> None:
+        optimizer.load_state_dict(state)
+
+    def set_margin_weight(self, weight: float) -> None:
+        """Share of the margin to apply (margin warm-up); losses without a margin ignore it."""
+
+
+class MarginHead(Loss):
+    """Normalised linear classifier whose target logit gets an angular or additive margin.
+
+    Subclasses set ``default_scale``/``default_margin`` and ``margin_range`` (low, high, open
+    ends), may add hyper-parameters, and implement ``_target`` (the margin transform of cos_y,
+    on B values) and, for speed, ``_target_and_slope``.
+    """
+
     default_scale: float = 64.0
     default_margin: float = 0.0
-    margin_rule: str = ""
+    margin_range: tuple = (0.0, None, False, False)  # low, high, low open, high open
+    shardable = True
 
-    def __init__(
-        self,
-        embedding_dim: int,
-        num_classes: int,
-        scale: float | None = None,
-        margin: float | None = None,
-    ):
+    @classmethod
+    def hyper_parameters(cls) -> tuple[HParam, ...]:
+        low, high, low_open, high_open = cls.margin_range
+        return (
+            HParam("scale", cls.default_scale, "Scale s of the cosine logits", 0.0, None, True, hint="Typical values are 30-64."),
+            HParam("margin", cls.default_margin, "Margin m of the target logit", low, high, low_open, high_open),
+        )
+
+    def __init__(self, embedding_dim: int, num_classes: int, **hparams):
         super().__init__()
         label = self.name or type(self).__name__
         for what, value in (("embedding_dim", embedding_dim), ("num_classes", num_classes)):
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise UserError(f"{label}: {what} must be a positive integer, got {value!r}.")
-        scale = self.default_scale if scale is None else _real(scale, "scale", label)
-        margin = self.default_margin if margin is None else _real(margin, "margin", label)
-        if scale <= 0:
-            raise UserError(f"{label}: scale must be > 0, got {scale:g}.", hint="Typical values are 30-64.")
-        if not self._margin_ok(margin):
-            raise UserError(
-                f"{label}: margin {margin:g} is out of range; it must be {self.margin_rule}.",
-                hint=f"The default is {self.default_margin:g}.",
-            )
+        for name, value in self.check_hparams(hparams).items():
+            setattr(self, name, float(value))
         self.embedding_dim = int(embedding_dim)
         self.num_classes = int(num_classes)
-        self.scale = float(scale)
-        self.margin = float(margin)
         self.weight = nn.Parameter(torch.empty(num_classes, embedding_dim))
         nn.init.normal_(self.weight, 0.0, 0.01)
         # How much of the margin is applied: target = lerp(cos_y, margin target, w). 1 is the
@@ -175,10 +305,6 @@ class MarginHead(nn.Module):
         self.register_buffer("margin_weight", torch.ones((), dtype=torch.float32), persistent=False)
 
     # -- to be provided by subclasses ------------------------------------------------------
-    @classmethod
-    def _margin_ok(cls, margin: float) -> bool:
-        raise NotImplementedError
-
     def _target(self, cos_y: Tensor) -> Tensor:
         """Margin-adjusted target cosine (before scaling) for the (B,) target cosines."""
         raise NotImplementedError
@@ -249,9 +375,9 @@ class MarginHead(nn.Module):
         """Apply ``weight`` (0..1) of the margin from the next forward on (no host sync)."""
         self.margin_weight.fill_(float(weight))
 
-    def hparams(self) -> dict:
-        """Hyper-parameters needed to rebuild this head (stored in checkpoints)."""
-        return {"scale": self.scale, "margin": self.margin}
+    def loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        """Mean cross-entropy of the margin logits."""
+        return F.cross_entropy(self(embeddings, labels), labels)
 
     def extra_repr(self) -> str:
         extras = ", ".join(f"{k}={v:g}" for k, v in self.hparams().items())
@@ -286,11 +412,7 @@ class CosFace(MarginHead):
 
     default_scale = 64.0
     default_margin = 0.35
-    margin_rule = "in [0, 1]"
-
-    @classmethod
-    def _margin_ok(cls, margin: float) -> bool:
-        return 0.0 <= margin <= 1.0
+    margin_range = (0.0, 1.0, False, False)
 
     def _target(self, cos_y: Tensor) -> Tensor:
         return cos_y - self.margin
@@ -305,11 +427,7 @@ class ArcFace(MarginHead):
 
     default_scale = 64.0
     default_margin = 0.5
-    margin_rule = "in [0, pi)"
-
-    @classmethod
-    def _margin_ok(cls, margin: float) -> bool:
-        return 0.0 <= margin < math.pi
+    margin_range = (0.0, math.pi, False, True)
 
     def _target(self, cos_y: Tensor) -> Tensor:
         return _arc_target(cos_y, self.margin)
@@ -328,11 +446,7 @@ class SphereFace(MarginHead):
 
     default_scale = 30.0
     default_margin = 1.5
-    margin_rule = ">= 1"
-
-    @classmethod
-    def _margin_ok(cls, margin: float) -> bool:
-        return margin >= 1.0
+    margin_range = (1.0, None, False, False)
 
     def _target(self, cos_y: Tensor) -> Tensor:
         return self._target_and_slope(cos_y)[0]
@@ -349,45 +463,25 @@ class SphereFace(MarginHead):
 
 
 @register_head("curricularface")
-class CurricularFace(MarginHead):
+class CurricularFace(ArcFace):
     """ArcFace target plus adaptive re-weighting of hard negatives (cos_j > cos(theta_y + m)).
 
     A hard negative's logit becomes s cos_j (t + cos_j), where t tracks the mean target cosine
     (exponential moving average, updated in training mode only): easy early, harder later.
+    Under DDP, ``mean_over_ranks`` (set by the trainer) makes t follow the global batch.
     """
 
-    default_scale = 64.0
-    default_margin = 0.5
-    default_momentum = 0.01
-    margin_rule = "in [0, pi)"
-
-    def __init__(
-        self,
-        embedding_dim: int,
-        num_classes: int,
-        scale: float | None = None,
-        margin: float | None = None,
-        momentum: float | None = None,
-    ):
-        super().__init__(embedding_dim, num_classes, scale=scale, margin=margin)
-        momentum = self.default_momentum if momentum is None else _real(momentum, "momentum", self.name)
-        if not 0.0 <= momentum <= 1.0:
-            raise UserError(
-                f"{self.name}: momentum {momentum:g} is out of range; it must be in [0, 1].",
-                hint=f"The default is {self.default_momentum:g}.",
-            )
-        self.momentum = float(momentum)
-        self.register_buffer("t", torch.zeros((), dtype=torch.float32))
+    mean_over_ranks: Callable[[Tensor], Tensor] | None = None
 
     @classmethod
-    def _margin_ok(cls, margin: float) -> bool:
-        return 0.0 <= margin < math.pi
+    def hyper_parameters(cls) -> tuple[HParam, ...]:
+        return super().hyper_parameters() + (
+            HParam("momentum", 0.01, "CurricularFace's momentum of t, the running mean target cosine", 0.0, 1.0, key="curricular_momentum"),
+        )
 
-    def _target(self, cos_y: Tensor) -> Tensor:
-        return _arc_target(cos_y, self.margin)
-
-    def _target_and_slope(self, cos_y: Tensor) -> tuple[Tensor, Tensor]:
-        return _arc_target_and_slope(cos_y, self.margin)
+    def __init__(self, embedding_dim: int, num_classes: int, **hparams):
+        super().__init__(embedding_dim, num_classes, **hparams)
+        self.register_buffer("t", torch.zeros((), dtype=torch.float32))
 
     def logits_from_cos(self, cos: Tensor, labels: Tensor, target_cos: Tensor | None = None) -> Tensor:
         """As ``MarginHead.logits_from_cos``; rows labelled -1 need their cos_y in ``target_cos``."""
@@ -405,7 +499,10 @@ class CurricularFace(MarginHead):
 
         if self.training and cos.shape[0]:
             with torch.no_grad():
-                self.t.copy_(self.momentum * cos_y.float().mean() + (1.0 - self.momentum) * self.t.float())
+                mean = cos_y.float().mean()
+                if self.mean_over_ranks is not None:
+                    mean = self.mean_over_ranks(mean)
+                self.t.copy_(self.momentum * mean + (1.0 - self.momentum) * self.t.float())
         t = self.t.to(cos.dtype).clone()  # a snapshot: the buffer may change before backward
 
         # Rows without a local target rewrite column 0 with its own (possibly modulated) value.
@@ -415,26 +512,22 @@ class CurricularFace(MarginHead):
             slope = torch.where(valid, slope, torch.where(hard_y, t + 2.0 * local_y, torch.ones_like(local_y)))
         return _MarginLogits.apply(cos, index, new, slope, self.scale, t, cos_m.unsqueeze(1))
 
-    def hparams(self) -> dict:
-        return {"scale": self.scale, "margin": self.margin, "momentum": self.momentum}
+
+def _lookup(registry: dict, name: str, what: str):
+    key = str(name).strip().lower()
+    if key not in registry:
+        raise UserError(f"Unknown {what} {name!r}.", hint=f"Choose one of: {', '.join(sorted(registry))}.")
+    return registry[key]
 
 
 def build_head(name: str, embedding_dim: int, num_classes: int, **hparams) -> MarginHead:
-    """Instantiate the registered head ``name``; hparams set to None take the head's default."""
-    key = str(name).strip().lower()
-    if key not in HEADS:
-        known = ", ".join(sorted(HEADS))
-        raise UserError(f"Unknown loss head {name!r}.", hint=f"Choose one of: {known}.")
-    cls = HEADS[key]
-    given = {k: v for k, v in hparams.items() if v is not None}
-    allowed = {"scale", "margin"} | ({"momentum"} if issubclass(cls, CurricularFace) else set())
-    unknown = sorted(set(given) - allowed)
-    if unknown:
-        raise UserError(
-            f"{key}: option(s) {', '.join(unknown)} do not apply to this head.",
-            hint=f"It accepts: {', '.join(sorted(allowed))}.",
-        )
-    return cls(embedding_dim, num_classes, **given)
+    """Instantiate the registered margin head ``name``; hparams set to None take the head's default."""
+    return _lookup(HEADS, name, "loss head")(embedding_dim, num_classes, **hparams)
+
+
+def build_loss(name: str, embedding_dim: int, num_classes: int, **hparams) -> Loss:
+    """Instantiate the registered loss ``name`` (a margin head or another :class:`Loss`)."""
+    return _lookup(LOSSES, name, "loss")(embedding_dim, num_classes, **hparams)
 
 
 def semihard_triplet_loss(embeddings: Tensor, labels: Tensor, margin: float = 0.2) -> Tensor:
@@ -479,3 +572,29 @@ def semihard_triplet_loss(embeddings: Tensor, labels: Tensor, margin: float = 0.
         terms = F.relu(d - d_an + margin)
         count = positive.sum()
         return torch.where(positive, terms, torch.zeros_like(terms)).sum() / count.clamp_min(1)
+
+
+@register_loss("facenet")
+class TripletLoss(Loss):
+    """FaceNet (Schroff et al., 2015): semi-hard triplet loss on L2-normalised embeddings,
+    P identities x K images per batch. No class weights: ``num_classes`` is ignored."""
+
+    label = "triplet"
+    default_embedding_dim = 128
+    normalize_embeddings = True
+    batch_layout = "pk"
+
+    @classmethod
+    def hyper_parameters(cls) -> tuple[HParam, ...]:
+        return (HParam("margin", 0.2, "Triplet margin on squared distances", 0.0, 4.0, True),)
+
+    def __init__(self, embedding_dim: int = 128, num_classes: int = 0, **hparams):
+        super().__init__()
+        for name, value in self.check_hparams(hparams).items():
+            setattr(self, name, float(value))
+
+    def loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        return semihard_triplet_loss(embeddings.float(), labels, margin=self.margin)
+
+    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        return self.loss(embeddings, labels)

@@ -146,6 +146,9 @@ def _tiny(dataset: Path, checkpoints: Path, run: str, batch: int, epochs: int) -
         "--backbone", "resnet18", "--image-size", "32", "--embedding-dim", "32", "--batch-size", str(batch),
         "--epochs", str(epochs), "--workers", "0", "--lr", "0.02", "--scheduler", "constant", "--seed", "3",
         "--no-wandb", "--device", "cpu", "--no-eval",
+        # BatchNorm over the global batch: N processes then compute what one process computes
+        # (per-process BatchNorm, the default, legitimately differs).
+        "--sync-bn",
     ]  # fmt: skip
 
 

@@ -21,6 +21,9 @@ import torch
 
 from conftest import REPO, TINY_TRAIN_ARGS, cli
 
+from facecli.engine.checkpoint import load_checkpoint
+from facecli.errors import TrainingStopped
+
 # --------------------------------------------------------------------------- SIGKILL during a save
 
 # A fork server: imports torch once, then for every line on stdin forks a writer that saves
@@ -184,17 +187,17 @@ def test_failed_save_stops_training_and_keeps_the_previous_checkpoint(fault, tmp
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, synth_root, monkeypatch):
-    import facecli.engine.trainer as trainer
+    import torch.nn.functional as F
 
     calls = {"n": 0}
-    real = trainer.F.cross_entropy
+    real = F.cross_entropy
 
     def cross_entropy(*a, **kw):
         calls["n"] += 1
         loss = real(*a, **kw)
         return loss * float("nan") if calls["n"] >= 6 else loss
 
-    monkeypatch.setattr(trainer.F, "cross_entropy", cross_entropy)
+    monkeypatch.setattr(F, "cross_entropy", cross_entropy)
     result = cli(*_train_args(tmp_path, synth_root))
     monkeypatch.undo()
 
@@ -213,6 +216,56 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
     assert all(torch.isfinite(t).all() for t in ck["net_state"].values() if t.is_floating_point())
     assert not (run / "epoch_002.pt").exists()
     assert max(r["step"] for r in _metrics(run)) <= 5
+
+
+class _NanGradient(torch.autograd.Function):
+    """Adds 0 to the loss; its gradient is NaN: a non-finite gradient under a finite loss."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.shape = x.shape
+        return x.sum() * 0.0
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.full(ctx.shape, float("nan"))
+
+
+@pytest.mark.parametrize("what", ["loss", "gradient"])
+def test_a_bad_step_never_changes_the_weights(what, tmp_path, synth_train_dir, monkeypatch):
+    """Step 6 alone goes bad; the run stops at the next read (the epoch end, step 8) with the
+    weights of steps 1-5, 7 and 8 in memory: finite, so the bad update was skipped, not undone."""
+    import facecli.losses as losses
+    from facecli.engine.config import TrainConfig
+    from facecli.engine.trainer import Trainer
+
+    real = losses.MarginHead.loss
+    calls = {"n": 0}
+
+    def loss(self, embeddings, labels):
+        calls["n"] += 1
+        value = real(self, embeddings, labels)
+        if calls["n"] != 6:
+            return value
+        return value * float("nan") if what == "loss" else value + _NanGradient.apply(embeddings)
+
+    monkeypatch.setattr(losses.MarginHead, "loss", loss)
+    cfg = TrainConfig(
+        model="arcface", train_dir=str(synth_train_dir), backbone="resnet18", image_size=32, batch_size=16, epochs=3, workers=0,
+        lr=0.01, device="cpu", checkpoints_dir=str(tmp_path / "ck"), run_name="r", eval=False, wandb=False,
+    )
+    trainer = Trainer(cfg, log=lambda _: None, warn=lambda _: None)
+    with pytest.raises(TrainingStopped) as info:
+        trainer.run()
+    assert info.value.exit_code == 4
+    assert "at step 6 (epoch 2, batch 2)" in info.value.message
+    assert ("Loss became nan" if what == "loss" else "A gradient became non-finite") in info.value.message
+    assert calls["n"] == 8 and trainer.state.step == 8  # it ran on to the next read
+    weights = [p for p in trainer.parts.model.parameters()]
+    assert all(torch.isfinite(p).all() for p in weights), "the bad step changed the weights"
+    momentum = [trainer.parts.optimizer.state[p].get("momentum_buffer") for p in weights]
+    assert all(m is None or torch.isfinite(m).all() for m in momentum)
+    assert load_checkpoint(tmp_path / "ck" / "arcface" / "r" / "latest.pt")["step"] == 4
 
 
 # --------------------------------------------------------------------------- W&B

@@ -235,8 +235,21 @@ def decode_image(
     return _crop_resize(pixels, side, image_size)
 
 
+_AFFINE: dict = {}
+
+
+def _affine(preprocess: Preprocess, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel scale and shift of the normalisation, made once per device: building them
+    every step would copy from the host and make it wait for the device each time."""
+    key = (tuple(preprocess.mean), tuple(preprocess.std), str(device))
+    if key not in _AFFINE:
+        mean = torch.tensor(preprocess.mean, dtype=torch.float32).view(1, 3, 1, 1)
+        std = torch.tensor(preprocess.std, dtype=torch.float32).view(1, 3, 1, 1)
+        _AFFINE[key] = (mean.to(device), std.to(device))
+    return _AFFINE[key]
+
+
 def normalize_batch(images: torch.Tensor, preprocess: Preprocess) -> torch.Tensor:
     """uint8 (B, 3, S, S) on any device to normalised float32."""
-    mean = torch.tensor(preprocess.mean, device=images.device, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(preprocess.std, device=images.device, dtype=torch.float32).view(1, 3, 1, 1)
+    mean, std = _affine(preprocess, images.device)
     return (images.float().div_(255.0) - mean) / std

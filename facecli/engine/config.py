@@ -1,118 +1,365 @@
-"""The training configuration: every choice of a run, validated once, saved with it."""
+"""The training configuration: every setting of a run, defined once, validated once, saved with it.
+
+Each field of :class:`TrainConfig` names a setting with its type, default, range or choices
+and help text. The ``train``, ``resume`` and ``demo`` flags are derived from these fields
+(``facecli.cli_config``), config files use the field names as keys, and every run writes
+its resolved configuration to ``config.yaml`` so that ``facecli train --config`` starts it
+again. The loss's own hyper-parameters (``scale``, ``margin``, ...) are declared by the
+loss classes (:class:`facecli.losses.HParam`) and stored here as extra keys.
+
+A value a user wrote that does not fit is one :class:`UserError` line naming the flag or
+the file and key it came from (``origins``).
+"""
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from facecli.errors import UserError
 
-MODELS = ("sphereface", "cosface", "arcface", "curricularface", "facenet")
-MARGIN_MODELS = MODELS[:4]
+# Registries the choices of a field come from, resolved when asked (plugins may add to them).
+_CHOICES = {
+    "losses": lambda: sorted(__import__("facecli.losses", fromlist=["LOSSES"]).LOSSES),
+    "backbones": lambda: sorted(__import__("facecli.backbones", fromlist=["BACKBONES"]).BACKBONES),
+    "optimizers": lambda: list(__import__("facecli.engine.optim", fromlist=["OPTIMIZERS"]).OPTIMIZERS),
+    "schedulers": lambda: list(__import__("facecli.engine.optim", fromlist=["SCHEDULERS"]).SCHEDULERS),
+}
 
 
-@dataclass
-class TrainConfig:
-    model: str
-    train_dir: str | None = None
-    identities_file: str | None = None
-    lfw_dir: str | None = None
-    backbone: str = "resnet50"
-    pretrained: bool = False
-    embedding_dim: int | None = None  # 512 for margin heads, 128 for FaceNet
-    dropout: float = 0.0
-    epochs: int = 20
-    batch_size: int = 128
-    lr: float | None = None  # 0.1 for SGD, 1e-3 for AdamW
-    optimizer: str = "sgd"
-    weight_decay: float = 5e-4
-    momentum: float = 0.9
-    scheduler: str = "cosine"
-    warmup_epochs: float = 1.0
-    margin_warmup_epochs: float | None = None  # None: the first 30% of the epochs (margin heads)
-    milestones: list[int] | None = None
-    margin: float | None = None  # head margin, or the triplet margin for FaceNet (0.2)
-    scale: float | None = None
-    curricular_momentum: float | None = None
-    images_per_identity: int = 4  # K of FaceNet's P x K batches
-    image_size: int = 112
-    crop_fraction: float | None = None
-    device: str = "auto"
-    amp: bool = True
-    channels_last: bool | None = None  # None: on for CUDA
-    compile: bool = False
-    workers: int = 4
-    seed: int = 0
-    run_name: str | None = None
-    checkpoints_dir: str = "checkpoints"
-    checkpoint_every: int = 0  # steps between mid-epoch latest.pt saves (0: epoch ends only)
-    keep_epochs: int = 3
-    eval: bool = True
-    eval_every: int = 0
-    flip: bool = True
-    eval_batch_size: int | None = None  # None: as large as the device takes (see evaluation.embedding)
-    val_bins: list[str] = field(default_factory=list)
-    sharded_head: bool = False
-    wandb: bool | None = None
-    wandb_artifacts: bool = False
-    log_every: int = 10
+def setting(default: Any, help: str, *, flag: str | None = None, choices: str | None = None, resume: bool = False, csv: bool = False, **limits) -> Any:
+    """A field with its help text and command-line facts.
 
-    def __post_init__(self) -> None:
-        if self.model not in MODELS:
-            raise UserError(f"Unknown model {self.model!r}.", hint=f"Choose one of: {', '.join(MODELS)}.")
+    ``flag``: the option name when it is not ``--field-name``; ``choices``: a registry name
+    (see ``_CHOICES``); ``resume``: also a flag of ``facecli resume`` (settings of the run's
+    environment, which may change when it continues); ``csv``: a list given as ``a,b,c``.
+    """
+    extra = {"flag": flag, "choices": choices, "resume": resume, "csv": csv}
+    return Field(default, description=help, json_schema_extra=extra, **limits)
+
+
+class TrainConfig(BaseModel):
+    """Every choice of a training run."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=False)
+
+    model: str = setting(..., "Loss: sphereface, cosface, arcface, curricularface or facenet (and registered plugins).", choices="losses")
+    # data
+    train_dir: str | None = setting(None, "Folder of identity folders, or of train.rec/train.idx (default: under the dataset root).", resume=True)
+    identities_file: str | None = setting(None, "Train only on the identities listed in this file (e.g. LFW's peopleDevTrain.txt).", flag="identities")
+    lfw_dir: str | None = setting(None, "LFW folder for evaluation (default: under the dataset root).")
+    image_size: int = setting(112, "Input size in pixels (square).", ge=16)
+    crop_fraction: float | None = setting(None, "Centre crop before resizing (default: 0.6 for 250x250 images, else 1).", gt=0, le=1)
+    images_per_identity: int = setting(4, "FaceNet: K images per identity in each P x K batch.", ge=2)
+    workers: int | Literal["auto"] = setting("auto", "DataLoader worker processes, or auto (this process's CPU cores / local processes).", resume=True, union_mode="left_to_right")
+    # network
+    backbone: str = setting("resnet50", "Backbone network.", choices="backbones")
+    pretrained: bool = setting(False, "Start the backbone from ImageNet weights.")
+    embedding_dim: int | None = setting(None, "Embedding size (default: the loss's, 512; 128 for facenet).", ge=2)
+    dropout: float = setting(0.0, "Dropout before the embedding layer.", ge=0, lt=1)
+    # optimisation
+    epochs: int = setting(20, "Epochs to train (resume: the new total).", ge=1, resume=True)
+    batch_size: int = setting(128, "Batch size per process (global batch = batch size x processes).", ge=1)
+    lr: float | None = setting(None, "Peak learning rate (default: 0.1 for SGD, 1e-3 for AdamW).", gt=0)
+    optimizer: str = setting("sgd", "Optimizer: sgd (with momentum) or adamw.", choices="optimizers")
+    momentum: float = setting(0.9, "SGD momentum.", ge=0, lt=1)
+    weight_decay: float = setting(5e-4, "Weight decay (not applied to norms and biases).", ge=0)
+    scheduler: str = setting("cosine", "Learning-rate schedule after the warm-up.", choices="schedulers")
+    warmup_epochs: float = setting(1.0, "Linear learning-rate warm-up length in epochs.", ge=0)
+    milestones: list[float] | None = setting(None, "Step schedule: comma-separated epochs where the lr drops x0.1 (default: 60% and 85% of the run).", csv=True)
+    margin_warmup_epochs: float | None = setting(
+        None, "Ramp the loss's margin in from plain softmax over this many epochs (default: the first 30% of the run; 0: off).", ge=0
+    )
+    seed: int = setting(0, "Random seed (data order, flips, initialisation).")
+    # hardware
+    device: str = setting("auto", "auto, cpu, cuda or cuda:N.", resume=True)
+    amp: bool = setting(True, "Mixed precision on CUDA (bf16 where the GPU has it, else fp16 with loss scaling).", resume=True)
+    channels_last: bool | None = setting(None, "NHWC memory layout (default: on for CUDA).")
+    compile: bool = setting(False, "torch.compile the model.")
+    sync_bn: bool = setting(False, "Under DDP, BatchNorm statistics over the global batch (default: per process, as large-scale trainers run).")
+    sharded_head: bool = setting(False, "Under DDP, split the class weights across processes (Partial FC style).")
+    # run
+    run_name: str | None = setting(None, "Run directory name (default: a timestamp).")
+    checkpoints_dir: str = setting("checkpoints", "Where runs are written (default: CHECKPOINTS_DIR or ./checkpoints).", resume=True)
+    checkpoint_every: int = setting(0, "Also save latest.pt every N steps (0: at epoch ends only).", ge=0)
+    keep_epochs: int = setting(3, "How many epoch_NNN.pt files to keep.", ge=1)
+    log_every: int = setting(10, "Read loss, lr and images/s back from the device and log them every N steps.", ge=1)
+    # evaluation
+    eval: bool = setting(True, "Tune the threshold on View 1 and report View 2 at the end.")
+    eval_every: int = setting(0, "Evaluate View 1 every N epochs and keep best.pt (0: never).", ge=0)
+    flip: bool = setting(True, "Flip test-time augmentation in evaluation.")
+    eval_batch_size: int | None = setting(None, "Evaluation batch size (default: as large as the device takes).", ge=1)
+    val_bins: list[str] = setting([], "insightface .bin sets to evaluate (repeatable).", flag="val-bin")
+    # tracking
+    wandb: bool | None = setting(None, "Track in Weights & Biases (default: on when a key is set).", resume=True)
+    wandb_artifacts: bool = setting(False, "Upload checkpoints as W&B artifacts.")
+
+    # ------------------------------------------------------------------ validation
+    @model_validator(mode="after")
+    def _resolve(self) -> "TrainConfig":
+        from facecli.losses import LOSSES
+
+        for name in ("model", "backbone", "optimizer", "scheduler"):
+            _check_choice(self, name)
+        loss = LOSSES[self.model]
         if self.embedding_dim is None:
-            self.embedding_dim = 128 if self.model == "facenet" else 512
+            self.embedding_dim = loss.default_embedding_dim
         if self.lr is None:
             self.lr = 1e-3 if self.optimizer == "adamw" else 0.1
+        if not math.isfinite(self.lr):
+            raise _FieldError("lr", f"must be {_rule(TrainConfig.model_fields['lr'], float)}")
         if self.margin_warmup_epochs is None:
-            self.margin_warmup_epochs = 0.0 if self.model == "facenet" else round(0.3 * self.epochs, 3)
-        if self.margin_warmup_epochs < 0:
-            raise UserError(f"--margin-warmup-epochs must not be negative, got {self.margin_warmup_epochs}.")
-        if self.eval_batch_size is not None and (not isinstance(self.eval_batch_size, int) or self.eval_batch_size <= 0):
-            raise UserError(f"--eval-batch-size must be a positive integer, got {self.eval_batch_size}.")
-        for name in ("epochs", "batch_size", "image_size", "embedding_dim", "keep_epochs", "log_every"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {value}.")
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise UserError(f"--lr must be a positive number, got {self.lr}.")
-        if self.weight_decay < 0 or self.warmup_epochs < 0 or self.workers < 0 or self.checkpoint_every < 0 or self.eval_every < 0:
-            raise UserError("--weight-decay, --warmup-epochs, --workers, --checkpoint-every and --eval-every must not be negative.")
-        if self.image_size < 16:
-            raise UserError(f"--image-size must be at least 16, got {self.image_size}.")
-        if self.crop_fraction is not None and not (0 < self.crop_fraction <= 1):
-            raise UserError(f"--crop-fraction must be in (0, 1], got {self.crop_fraction}.")
-        if not (0 <= self.dropout < 1):
-            raise UserError(f"--dropout must be in [0, 1), got {self.dropout}.")
+            self.margin_warmup_epochs = round(0.3 * self.epochs, 3) if loss.shardable else 0.0
+        if self.workers != "auto" and self.workers < 0:
+            raise _FieldError("workers", "must be a non-negative integer or auto")
+        if self.milestones is not None and any(not (m > 0) for m in self.milestones):
+            raise _FieldError("milestones", "epochs must be positive")
+        if self.sharded_head and not loss.shardable:
+            raise _FieldError("sharded_head", f"applies to margin heads, not {self.model}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise UserError(f"Unknown device {self.device!r}.", hint="Use auto, cpu, cuda or cuda:N.")
-        if self.model == "facenet":
-            if self.margin is not None and not (0 < self.margin <= 4):
-                raise UserError(f"FaceNet's triplet --margin must be in (0, 4], got {self.margin}.")
-            if self.scale is not None:
-                raise UserError("--scale applies to margin heads, not FaceNet.")
-            if self.sharded_head:
-                raise UserError("--sharded-head applies to margin heads, not FaceNet.")
-        elif self.curricular_momentum is not None and self.model != "curricularface":
-            raise UserError("--curricular-momentum applies to curricularface only.")
-        else:
-            from facecli.losses import build_head
+            raise _FieldError("device", f": Unknown device {self.device!r}. Use auto, cpu, cuda or cuda:N", got=None)
+        self._resolve_loss_options(loss)
+        return self
 
-            build_head(self.model, 2, 2, **self.head_hparams())  # range checks before any data is read
+    def _resolve_loss_options(self, loss) -> None:
+        """Extra keys must be hyper-parameters of the chosen loss; fill in its defaults."""
+        extra = self.__pydantic_extra__
+        mine = {h.option: h for h in loss.hyper_parameters()}
+        for key in list(extra):
+            if key not in mine:
+                users = sorted(name for name, cls in _losses().items() if key in {h.option for h in cls.hyper_parameters()})
+                if users:
+                    raise _FieldError(key, f"applies to {', '.join(users)}, not {self.model}")
+                raise _FieldError(key, "is not a setting", unknown=True)
+            if extra[key] is None:
+                del extra[key]
+        for h in mine.values():
+            value = extra.get(h.option)
+            if value is None:
+                extra[h.option] = h.default
+            elif not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise _FieldError(h.option, "must be a number", got=value)
+            elif not h.in_range(value):
+                label = loss.label or self.model
+                raise _FieldError(h.option, f"must be {h.rule()}; got {h.name} {value:g}. {h.advice()}", owner=label)
+            else:
+                extra[h.option] = float(value)
 
-    def head_hparams(self) -> dict[str, Any]:
-        hp: dict[str, Any] = {"scale": self.scale, "margin": self.margin}
-        if self.model == "curricularface":
-            hp["momentum"] = self.curricular_momentum
-        return hp
+    # ------------------------------------------------------------------ access
+    def loss_hparams(self) -> dict[str, float]:
+        """The loss's constructor keywords and values (``curricular_momentum`` -> ``momentum``)."""
+        from facecli.losses import LOSSES
+
+        return {h.name: self.__pydantic_extra__[h.option] for h in LOSSES[self.model].hyper_parameters()}
+
+    def head_hparams(self) -> dict[str, float]:  # the name older code and tests use
+        return self.loss_hparams()
+
+    def __getattr__(self, name: str):
+        """``cfg.margin``, ``cfg.scale``: the loss's options read like fields (None where the loss has none)."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in _loss_option_names():
+                return None
+            raise
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return self.model_dump()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def build(cls, values: dict[str, Any], origins: dict[str, str] | None = None) -> "TrainConfig":
+        """Validate ``values``; a problem is one UserError naming where the value came from
+        (``origins``: key -> "--flag" or "file: key"; by default the flag)."""
+        token = _ORIGINS.set(origins or {})
+        try:
+            return cls(**values)
+        finally:
+            _ORIGINS.reset(token)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], **overrides: Any) -> "TrainConfig":
-        names = {f.name for f in fields(cls)}
-        data = {k: v for k, v in d.items() if k in names}
+        """A saved configuration (checkpoint, config.json) with ``overrides`` (None: keep)."""
+        data = {k: v for k, v in d.items() if k in cls.model_fields or k in _loss_option_names()}
         data.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**data)
+        return cls.build(data)
+
+    def __init__(self, **values: Any):
+        try:
+            super().__init__(**values)
+        except ValidationError as e:
+            raise _user_error(e, values, _ORIGINS.get()) from None
+
+
+# ---------------------------------------------------------------------- errors
+_NOTHING = object()
+_ORIGINS: ContextVar[dict[str, str]] = ContextVar("facecli_config_origins", default={})
+
+
+def _show(value: Any) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _rule(field, annotation) -> str:
+    """What a numeric field accepts, in words ("a positive integer", "a number in [0, 1)")."""
+    limits = {a.title(): getattr(m, a) for m in field.metadata for a in ("gt", "ge", "lt", "le") if getattr(m, a, None) is not None}
+    kind = "integer" if int in _types(annotation) else "number"
+    lo, hi = limits.get("Gt", limits.get("Ge")), limits.get("Lt", limits.get("Le"))
+    if hi is None and (limits.get("Gt") == 0 or (kind == "integer" and limits.get("Ge") == 1)):
+        return f"a positive {kind}"
+    if hi is None and limits.get("Ge") == 0:
+        return f"a non-negative {kind}"
+    if lo is not None and hi is not None:
+        return f"a {kind} in {'(' if 'Gt' in limits else '['}{lo}, {hi}{')' if 'Lt' in limits else ']'}"
+    if lo is not None:
+        return f"a {kind} {'>' if 'Gt' in limits else '>='} {lo}"
+    return f"a valid {kind}" if kind in ("integer", "number") else "valid"
+
+
+def _types(annotation) -> tuple:
+    import typing
+
+    return typing.get_args(annotation) or (annotation,)
+
+
+class _FieldError(ValueError):
+    """A problem found while resolving, tied to the key the user wrote."""
+
+    def __init__(self, key: str, problem: str, unknown: bool = False, owner: str = "", got: Any = _NOTHING):
+        super().__init__(problem)
+        self.key, self.problem, self.unknown, self.owner, self.got = key, problem, unknown, owner, got
+
+    def as_user_error(self, values: dict, origins: dict[str, str]) -> UserError:
+        where = _where(self.key, origins)
+        if self.unknown:
+            return UserError(f"{where}: unknown setting.", hint=f"Known settings: {', '.join(sorted(all_keys()))}.")
+        if not self.owner:
+            text = f"{where}{'' if self.problem.startswith(':') else ' '}{self.problem}"
+        elif where.startswith("--"):  # "arcface --margin must be ..."
+            text = f"{self.owner} {where} {self.problem}"
+        else:  # "a.yaml: margin (arcface) must be ..."
+            text = f"{where} ({self.owner}) {self.problem}"
+        got = values.get(self.key, _NOTHING) if self.got is _NOTHING else self.got
+        if "; got" not in text and got is not _NOTHING and got is not None:
+            text += f", got {_show(got)}"
+        return UserError(text.rstrip(".") + ".")
+
+
+def _where(key: str, origins: dict[str, str]) -> str:
+    return origins.get(key) or flag_name(key)
+
+
+def flag_name(key: str) -> str:
+    """The command-line option of a setting (``identities_file`` -> ``--identities``)."""
+    field = TrainConfig.model_fields.get(key)
+    extra = (field.json_schema_extra or {}) if field is not None else {}
+    return "--" + (extra.get("flag") or key).replace("_", "-")
+
+
+def _user_error(e: ValidationError, values: dict, origins: dict[str, str]) -> UserError:
+    err = e.errors()[0]
+    key = str(err["loc"][0]) if err.get("loc") else ""
+    if err["type"] == "value_error" and isinstance((err.get("ctx") or {}).get("error"), _FieldError):
+        return err["ctx"]["error"].as_user_error(values, origins)
+    field = TrainConfig.model_fields.get(key)
+    if field is None:
+        return UserError(f"Invalid configuration: {err['msg']}.")
+    got = values.get(key, err.get("input"))
+    if key == "workers":
+        return UserError(f"{_where(key, origins)} must be a non-negative integer or auto, got {_show(got)}.")
+    numeric = {int, float} & set(_types(field.annotation))
+    if numeric:
+        return UserError(f"{_where(key, origins)} must be {_rule(field, field.annotation)}, got {_show(got)}.")
+    return UserError(f"{_where(key, origins)}: {err['msg'][0].lower() + err['msg'][1:]}, got {_show(got)}.")
+
+
+def _check_choice(cfg: TrainConfig, name: str) -> None:
+    allowed = choices(name)
+    value = getattr(cfg, name)
+    if value not in allowed:
+        raise _FieldError(name, f"must be one of {', '.join(allowed)}")
+
+
+def choices(name: str) -> list[str]:
+    """The allowed values of a setting with choices (from its registry), else []."""
+    extra = TrainConfig.model_fields[name].json_schema_extra or {}
+    return _CHOICES[extra["choices"]]() if extra.get("choices") else []
+
+
+def _losses() -> dict:
+    from facecli.losses import LOSSES
+
+    return LOSSES
+
+
+def _loss_option_names() -> set[str]:
+    return {h.option for cls in _losses().values() for h in cls.hyper_parameters()}
+
+
+def all_keys() -> set[str]:
+    """Every key a config file may hold: the fields and every registered loss's options."""
+    return set(TrainConfig.model_fields) | _loss_option_names()
+
+
+# ---------------------------------------------------------------------- files
+CONFIG_FILE = "config.yaml"  # the resolved configuration every run writes
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """A YAML, TOML or JSON mapping of settings; a malformed file is one UserError line."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise UserError(f"Config file {str(path)!r} cannot be read ({e.strerror or e}).") from e
+    try:
+        data = _parse(path, text)
+    except Exception as e:  # each parser has its own error type; all mean "not a valid file"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"Config file {str(path)!r} is not valid {_kind(path)}: {first}.") from e
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"Config file {str(path)!r} must hold a mapping of settings (key: value), not a {type(data).__name__}.")
+    _refuse_secrets(path, data)
+    return data
+
+
+def _kind(path: Path) -> str:
+    return {".toml": "TOML", ".json": "JSON"}.get(path.suffix.lower(), "YAML")
+
+
+def _parse(path: Path, text: str):
+    kind = _kind(path)
+    if kind == "JSON":
+        return json.loads(text)
+    if kind == "TOML":
+        import tomllib
+
+        return tomllib.loads(text)
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def _refuse_secrets(path: Path, data: dict) -> None:
+    for key in data:
+        if "api_key" in str(key).lower() or "secret" in str(key).lower() or "token" in str(key).lower():
+            raise UserError(
+                f"Config file {str(path)!r}: {key!r} looks like a secret; secrets are never read from config files.",
+                hint="Set WANDB_API_KEY in the environment or .env instead.",
+            )
+
+
+def dump_yaml(cfg: TrainConfig) -> str:
+    """The resolved configuration as YAML that :func:`read_config_file` reads back."""
+    import yaml
+
+    data = cfg.model_dump()
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False)

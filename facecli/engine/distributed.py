@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -20,6 +21,10 @@ class World:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    local_world_size: int = 1
+    # A gloo group for decisions the host makes (batch sizes, stop): agreeing there never
+    # makes Python wait for a device.
+    host_group: Any = None
 
     @property
     def is_main(self) -> bool:
@@ -30,41 +35,62 @@ class World:
         return self.world_size > 1
 
 
-def init(device_type: str) -> World:
+def init(device: torch.device | str) -> World:
     """Join the process group described by torchrun's environment (or stay single)."""
+    device = torch.device(device) if not isinstance(device, torch.device) else device
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return World()
     rank = int(os.environ["RANK"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     if not dist.is_initialized():
-        backend = "nccl" if device_type == "cuda" else "gloo"
-        if device_type == "cuda":
+        kwargs: dict = {"timeout": timedelta(minutes=30)}
+        if device.type == "cuda":
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
-    return World(rank=rank, world_size=world_size, local_rank=local_rank)
+            kwargs.update(backend="nccl", device_id=torch.device("cuda", local_rank))
+        else:
+            kwargs.update(backend="gloo")
+        dist.init_process_group(**kwargs)
+    host = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+    return World(rank=rank, world_size=world_size, local_rank=local_rank, local_world_size=local_world, host_group=host)
 
 
 def barrier(world: World) -> None:
     if world.distributed:
-        dist.barrier()
+        dist.barrier(group=world.host_group)
 
 
-def any_true(flag: bool, world: World, device: torch.device) -> bool:
-    """True on every rank if it is true on any (used to stop all ranks at the same step)."""
+def agree(world: World, batch_size: int, stop: bool) -> tuple[tuple[int, ...], bool]:
+    """Every rank's batch size and whether any rank must stop, exchanged on the host (gloo).
+
+    Ranks must take the same decisions at the same step (skip a batch that lost its images
+    to decode errors, stop on a signal), or DDP's collectives would wait forever.
+    """
     if not world.distributed:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+        return (batch_size,), stop
+    mine = torch.tensor([batch_size, int(stop)], dtype=torch.int64)
+    parts = [torch.empty_like(mine) for _ in range(world.world_size)]
+    dist.all_gather(parts, mine, group=world.host_group)
+    rows = torch.stack(parts).numpy()  # host memory: reading it waits for no device
+    return tuple(int(n) for n in rows[:, 0]), bool(rows[:, 1].any())
 
 
 def broadcast_object(obj, world: World):
     if not world.distributed:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=world.host_group)
     return box[0]
+
+
+def gather_objects(obj, world: World) -> list:
+    """``obj`` of every rank, on every rank (over the host group)."""
+    if not world.distributed:
+        return [obj]
+    out = [None] * world.world_size
+    dist.all_gather_object(out, obj, group=world.host_group)
+    return out
 
 
 def shutdown(world: World) -> None:
@@ -72,13 +98,13 @@ def shutdown(world: World) -> None:
         dist.destroy_process_group()
 
 
-def mean_over_ranks(value: torch.Tensor, world: World) -> float:
-    """The mean of a scalar over all ranks (NaN/inf anywhere gives a non-finite result everywhere)."""
-    if not world.distributed:
-        return float(value)
-    t = value.detach().float().reshape(1).clone()
+def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
+    """The mean of a tensor over all ranks, left on the device (a collective nobody waits for)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    t = value.detach().clone()
     dist.all_reduce(t)
-    return float(t.item() / world.world_size)
+    return t / dist.get_world_size()
 
 
 def allreduce_sum_hook(process_group, bucket):  # no return annotation: DDP checks it and this module's are strings
@@ -135,9 +161,7 @@ class GlooSyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         local_count = x.numel() // x.shape[1]
         stats = torch.cat([xf.sum(dims).double(), torch.tensor([float(local_count)], dtype=torch.float64, device=x.device)])
         stats = _AllReduceSum.apply(stats)
-        count = stats[-1].detach()
-        if float(count) < 2:
-            raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)} on all ranks together")
+        count = stats[-1].detach()  # >= 2: the trainer skips a step where any rank has fewer than 2 images
         mean = (stats[:-1] / count).float()
         xc = xf - mean.view(shape)
         var = _AllReduceSum.apply((xc * xc).sum(dims).double()).div(count).float()

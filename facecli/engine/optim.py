@@ -29,10 +29,13 @@ def build_optimizer(name: str, params: Iterable, lr: float, weight_decay: float 
             continue
         (no_decay if p.ndim <= 1 else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # Fused kernels: one launch for all parameters, and they take a found-inf flag that skips
+    # the update on the device, so a non-finite step needs no host read (GradScaler works so).
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in decay + no_decay)
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=False)
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=False, fused=fused)
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr)
+        return torch.optim.AdamW(groups, lr=lr, fused=fused)
     raise UserError(f"Unknown optimizer {name!r}.", hint=f"Choose one of: {', '.join(OPTIMIZERS)}.")
 
 
@@ -46,7 +49,7 @@ class Schedule:
         total_steps: int,
         steps_per_epoch: int,
         warmup_epochs: float = 0.0,
-        milestones: Sequence[int] | None = None,
+        milestones: Sequence[float] | None = None,
         gamma: float = 0.1,
     ):
         if name not in SCHEDULERS:
@@ -59,7 +62,7 @@ class Schedule:
         epochs = max(1, round(total_steps / self.steps_per_epoch))
         if milestones is None:
             milestones = sorted({max(1, int(epochs * 0.6)), max(1, int(epochs * 0.85))})
-        self.milestone_steps = [m * self.steps_per_epoch for m in milestones]
+        self.milestone_steps = [int(round(m * self.steps_per_epoch)) for m in milestones]
         self.gamma = gamma
 
     def lr_at(self, step: int) -> float:

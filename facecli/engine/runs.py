@@ -52,12 +52,14 @@ def find_run_checkpoint(checkpoints_dir: Path, model: str, run: str | None, whic
 RESUME_KEYS = ("train_config", "epoch", "batch_in_epoch", "step", "optimizer_state")
 
 
-def prepare_resume(checkpoints_dir: Path, model: str, run: str | None, which: str, **overrides):
+def prepare_resume(checkpoints_dir: Path, model: str, run: str | None, which: str, overrides: dict | None = None):
     """(path, configuration with ``overrides`` applied, loaded checkpoint) to resume from.
 
     Overrides are the run-environment settings (device, workers, amp, wandb, train_dir moved)
-    and ``epochs`` (a new total). Everything else comes from the checkpoint.
+    and ``epochs`` (a new total): the settings marked ``resume`` in TrainConfig. Everything
+    else comes from the checkpoint.
     """
+    overrides = dict(overrides or {})
     from facecli.engine.checkpoint import CheckpointError, load_checkpoint
     from facecli.engine.config import TrainConfig
 
@@ -69,10 +71,9 @@ def prepare_resume(checkpoints_dir: Path, model: str, run: str | None, which: st
             f"{str(path)!r} cannot be resumed: it has no {', '.join(missing)} (an exported model, not a training state).",
             hint="It can still be evaluated; to train further, start a new run.",
         )
-    train_dir = overrides.pop("train_dir", None)
-    cfg = TrainConfig.from_dict(
-        ckpt["train_config"], checkpoints_dir=str(checkpoints_dir), train_dir=str(train_dir) if train_dir else None, **overrides
-    )
+    if overrides.get("train_dir") is not None:
+        overrides["train_dir"] = str(overrides["train_dir"])
+    cfg = TrainConfig.from_dict(ckpt["train_config"], **{**overrides, "checkpoints_dir": str(checkpoints_dir)})
     if cfg.epochs <= int(ckpt["epoch"]) and int(ckpt.get("batch_in_epoch", 0)) == 0:
         raise UserError(
             f"Run {path.parent.name} already finished {ckpt['epoch']} of {cfg.epochs} epochs.",

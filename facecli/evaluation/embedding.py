@@ -29,10 +29,37 @@ class Embeddings:
     ok: np.ndarray | None = None  # (N,) bool: the image was decoded
 
 
-def _autocast_dtype(device: torch.device) -> torch.dtype | None:
-    if device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+def _autocast_dtype(device: torch.device, amp: bool = True) -> torch.dtype | None:
+    """The training rule: bf16 where the GPU has it natively, else fp16; fp32 on the CPU or with amp off."""
+    from facecli.engine.device import amp_dtype
+
+    return amp_dtype(device, amp)
+
+
+@dataclass
+class Embedder:
+    """A network ready to embed images: the one object every evaluation takes.
+
+    Network, preprocessing, device, flip test-time augmentation, batch size (None: as large
+    as the device takes), DataLoader workers and mixed precision travel together here
+    instead of as positional arguments through every protocol function.
+    """
+
+    net: torch.nn.Module
+    preprocess: Preprocess
+    device: torch.device | str = "cpu"
+    flip: bool = True
+    batch_size: int | None = None
+    workers: int = 0
+    amp: bool = True
+
+    def dataset(self, dataset: Dataset, progress: Callable[[int], None] | None = None) -> "Embeddings":
+        """Embed a dataset yielding ``(image, index, bad)``."""
+        return embed_dataset(self.net, self.preprocess, dataset, self.device, self.flip, self.batch_size, self.workers, progress, amp=self.amp)
+
+    def paths(self, paths: Sequence, progress: Callable[[int], None] | None = None) -> "Embeddings":
+        """Embed image files (each path once, in order)."""
+        return self.dataset(ImageFiles(paths, self.preprocess), progress)
 
 
 def default_batch_size(device: torch.device) -> int:
@@ -50,6 +77,7 @@ def embed_dataset(
     batch_size: int | None = None,
     workers: int = 0,
     progress: Callable[[int], None] | None = None,
+    amp: bool = True,
 ) -> Embeddings:
     """Embed every sample of a dataset yielding ``(image, index, bad)``."""
     device = torch.device(device)
@@ -65,7 +93,7 @@ def embed_dataset(
     loader_kwargs = dict(batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate_samples, pin_memory=device.type == "cuda")
     if workers > 0:
         loader_kwargs.update(prefetch_factor=4, worker_init_fn=_one_thread)
-    dtype = _autocast_dtype(device)
+    dtype = _autocast_dtype(device, amp)
     channels_last = device.type == "cuda"
     chunk = batch_size * (2 if flip else 1)  # images per forward pass; halved on out-of-memory
     try:
@@ -108,7 +136,7 @@ def embed_paths(
     workers: int = 0,
     progress: Callable[[int], None] | None = None,
 ) -> Embeddings:
-    return embed_dataset(net, preprocess, ImageFiles(paths, preprocess), device, flip, batch_size, workers, progress)
+    return Embedder(net, preprocess, device, flip, batch_size, workers).paths(paths, progress)
 
 
 def pair_scores(vectors: np.ndarray, index_a: np.ndarray, index_b: np.ndarray) -> np.ndarray:

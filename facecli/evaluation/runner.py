@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from facecli.data.images import Preprocess, decode_image
 from facecli.data.lfw import PairSet, find_image_root, read_pairs
 from facecli.errors import ImageError, UserError
-from facecli.evaluation.embedding import embed_dataset, embed_paths, pair_scores
+from facecli.evaluation.embedding import Embedder, pair_scores
 from facecli.evaluation.protocol import VerificationReport, best_threshold, threshold_curve, verify
 
 ProgressFactory = Callable[[str, int], Callable[[int], None]] | None
@@ -76,9 +76,9 @@ class ThresholdChoice:
         }
 
 
-def _scores_for(pair_set: PairSet, net, preprocess, device, flip, batch_size, workers, progress: ProgressFactory, label: str):
+def _scores_for(pair_set: PairSet, embedder: Embedder, progress: ProgressFactory, label: str):
     advance = progress(f"embedding {label}", len(pair_set.unique_images)) if progress else None
-    emb = embed_paths(net, preprocess, pair_set.unique_images, device, flip, batch_size, workers, advance)
+    emb = embedder.paths(pair_set.unique_images, advance)
     if emb.bad:
         raise UserError(
             f"{len(emb.bad)} image(s) referenced by {pair_set.source} could not be decoded, e.g. {emb.bad[0]}.",
@@ -87,17 +87,7 @@ def _scores_for(pair_set: PairSet, net, preprocess, device, flip, batch_size, wo
     return pair_scores(emb.vectors, pair_set.index_a, pair_set.index_b), emb.forward_passes
 
 
-def evaluate_pair_set(
-    net: torch.nn.Module,
-    preprocess: Preprocess,
-    pair_set: PairSet,
-    device,
-    flip: bool = True,
-    batch_size: int | None = None,
-    workers: int = 0,
-    progress: ProgressFactory = None,
-    name: str = "LFW",
-) -> PairEvaluation:
+def evaluate_pair_set(embedder: Embedder, pair_set: PairSet, progress: ProgressFactory = None, name: str = "LFW") -> PairEvaluation:
     """The View 2 protocol: embed distinct images once, score pairs, 10-fold accuracy."""
     if pair_set.folds < 2:
         # A View 1 file is n same-person pairs then n different-person ones: cutting it into
@@ -107,11 +97,17 @@ def evaluate_pair_set(
             hint="Use `facecli tune-threshold --pairs pairsDevTrain.txt --test-pairs pairsDevTest.txt`, or pairs.txt here.",
         )
     t0 = time.perf_counter()
-    scores, passes = _scores_for(pair_set, net, preprocess, device, flip, batch_size, workers, progress, name)
+    scores, passes = _scores_for(pair_set, embedder, progress, name)
     report = verify(scores, pair_set.issame, folds=pair_set.folds, fold_of_pair=pair_set.fold_of_pair)
     return PairEvaluation(
         name, report, scores, np.asarray(pair_set.issame), len(pair_set.unique_images), passes, time.perf_counter() - t0, pair_set.missing
     )
+
+
+def evaluate_lfw_view2(embedder: Embedder, lfw_dir: Path, progress: ProgressFactory = None) -> PairEvaluation:
+    """View 2 of the LFW folder (``pairs.txt``)."""
+    pairs = read_pairs(lfw_pair_file(lfw_dir, "pairs.txt"), find_image_root(lfw_dir))
+    return evaluate_pair_set(embedder, pairs, progress, name="LFW")
 
 
 class _BinImages(Dataset):
@@ -129,16 +125,14 @@ class _BinImages(Dataset):
         return img, i, None
 
 
-def evaluate_bin(
-    net, preprocess: Preprocess, path: Path, device, flip=True, batch_size=None, workers=0, progress: ProgressFactory = None
-) -> PairEvaluation:
+def evaluate_bin(embedder: Embedder, path: Path, progress: ProgressFactory = None) -> PairEvaluation:
     """An insightface ``.bin`` set (images stored pairwise) by the same 10-fold protocol."""
     from facecli.data.binset import read_bin
 
     t0 = time.perf_counter()
     bs = read_bin(path)
     advance = progress(f"embedding {bs.name}", len(bs.images)) if progress else None
-    emb = embed_dataset(net, preprocess, _BinImages(bs.images, preprocess, bs.name), device, flip, batch_size, workers, advance)
+    emb = embedder.dataset(_BinImages(bs.images, embedder.preprocess, bs.name), advance)
     if emb.bad:
         raise UserError(f"{len(emb.bad)} image(s) in {path} could not be decoded, e.g. {emb.bad[0]}.")
     n = bs.num_pairs
@@ -149,17 +143,18 @@ def evaluate_bin(
     return PairEvaluation(bs.name, report, scores, np.asarray(bs.issame), len(bs.images), emb.forward_passes, time.perf_counter() - t0)
 
 
-def tune_threshold(
-    net,
-    preprocess: Preprocess,
-    train_pairs: PairSet,
-    test_pairs: PairSet | None,
-    device,
-    flip=True,
-    batch_size=None,
-    workers=0,
-    progress: ProgressFactory = None,
-) -> ThresholdChoice:
+def evaluate_bins(embedder: Embedder, paths, warn=print, progress: ProgressFactory = None) -> list[PairEvaluation]:
+    """Every ``.bin`` set that can be evaluated; one that cannot is warned about and skipped."""
+    results = []
+    for path in paths:
+        try:
+            results.append(evaluate_bin(embedder, Path(path), progress))
+        except UserError as e:
+            warn(f"{path} skipped: {e}")
+    return results
+
+
+def tune_threshold(embedder: Embedder, train_pairs: PairSet, test_pairs: PairSet | None, progress: ProgressFactory = None) -> ThresholdChoice:
     """Choose the threshold on View 1 training pairs (the rule of ``verify``), test it on View 1 test pairs.
 
     Images shared by the two files are embedded once.
@@ -170,7 +165,7 @@ def tune_threshold(
         paths = sorted(set(paths) | set(test_pairs.unique_images))
     where = {p: i for i, p in enumerate(paths)}
     advance = progress("embedding View 1", len(paths)) if progress else None
-    emb = embed_paths(net, preprocess, paths, device, flip, batch_size, workers, advance)
+    emb = embedder.paths(paths, advance)
     if emb.bad:
         raise UserError(f"{len(emb.bad)} View 1 image(s) could not be decoded, e.g. {emb.bad[0]}.")
 
@@ -188,6 +183,14 @@ def tune_threshold(
         float(thr), float(train_acc), candidates, accuracies, test_acc, len(train_pairs), 0 if test_pairs is None else len(test_pairs),
         emb.forward_passes, time.perf_counter() - t0,
     )
+
+
+def tune_view1(embedder: Embedder, lfw_dir: Path, progress: ProgressFactory = None) -> ThresholdChoice:
+    """The threshold on ``pairsDevTrain.txt``, its accuracy on ``pairsDevTest.txt``: View 1's protocol."""
+    root = find_image_root(lfw_dir)
+    train = read_pairs(lfw_pair_file(lfw_dir, "pairsDevTrain.txt"), root)
+    test = read_pairs(lfw_pair_file(lfw_dir, "pairsDevTest.txt"), root)
+    return tune_threshold(embedder, train, test, progress)
 
 
 def resolve_pairs_arg(given: Path | None, lfw_dir: Path, default: str) -> Path:
@@ -211,19 +214,6 @@ def lfw_pair_file(lfw_dir: Path, name: str) -> Path:
     raise UserError(f"{name} not found in {str(lfw_dir)!r}.", hint="Pass the file explicitly (--pairs / --test-pairs).")
 
 
-def view1_dev_accuracy(net, preprocess, lfw_dir: Path, device, cfg, warn=print) -> float | None:
-    """Dev-test accuracy with the threshold tuned on dev-train: the model-selection signal."""
-    try:
-        root = find_image_root(lfw_dir)
-        train = read_pairs(lfw_pair_file(lfw_dir, "pairsDevTrain.txt"), root)
-        test = read_pairs(lfw_pair_file(lfw_dir, "pairsDevTest.txt"), root)
-    except UserError as e:
-        warn(f"View 1 evaluation skipped: {e}")
-        return None
-    choice = tune_threshold(net, preprocess, train, test, device, cfg.flip, cfg.eval_batch_size, min(cfg.workers, 4))
-    return choice.test_accuracy
-
-
 def write_json(path: Path, data: dict) -> None:
     from facecli.engine.checkpoint import atomic_write
 
@@ -238,60 +228,3 @@ def save_pictures(ev: PairEvaluation, out_dir: Path, stem: str) -> list[Path]:
         save_roc(ev.report, out_dir / f"{stem}_roc.png", title=ev.name),
         save_histogram(ev.scores, ev.issame, out_dir / f"{stem}_scores.png", threshold, title=f"{ev.name} pair scores"),
     ]
-
-
-def end_of_training_evaluation(trainer, warn=print, log=print) -> dict:
-    """Tune the threshold on View 1 (stored in the checkpoints), then report View 2 and ``.bin`` sets."""
-    from facecli.engine.checkpoint import set_threshold
-    from facecli.evaluation.reports import save_threshold_curve
-
-    cfg = trainer.cfg
-    net = trainer._eval_net()
-    run_dir = trainer.run_dir
-    results: dict = {}
-    device = trainer.device
-    workers = min(cfg.workers, 4)
-    if cfg.lfw_dir:
-        lfw_dir = Path(cfg.lfw_dir)
-        try:
-            root = find_image_root(lfw_dir)
-            dev_train = read_pairs(lfw_pair_file(lfw_dir, "pairsDevTrain.txt"), root)
-            dev_test = read_pairs(lfw_pair_file(lfw_dir, "pairsDevTest.txt"), root)
-            choice = tune_threshold(net, trainer.preprocess, dev_train, dev_test, device, cfg.flip, cfg.eval_batch_size, workers)
-            trainer.threshold = choice.threshold
-            # Tuned on the final weights: it belongs to latest.pt only (min_loss.pt and best.pt
-            # hold earlier weights; `facecli tune-threshold FILE --save` gives them their own).
-            set_threshold(run_dir / "latest.pt", choice.threshold, "View 1 pairsDevTrain.txt")
-            results["view1"] = choice.to_dict()
-            curve = save_threshold_curve(choice.candidates, choice.accuracies, choice.threshold, run_dir / "view1_threshold.png")
-            trainer.tracker.log({"view1/threshold": choice.threshold, "view1/dev_test_accuracy": choice.test_accuracy}, trainer.step)
-            trainer.tracker.image("view1/threshold_curve", curve, trainer.step)
-            finite = np.isfinite(choice.candidates)
-            trainer.tracker.line(
-                "view1/accuracy_vs_threshold", choice.candidates[finite], choice.accuracies[finite], "threshold", "accuracy", trainer.step
-            )
-            log(f"View 1: threshold {choice.threshold:.4f} (dev-train accuracy {choice.train_accuracy:.4f}), dev-test accuracy {choice.test_accuracy:.4f}")
-        except UserError as e:
-            warn(f"View 1 threshold tuning skipped: {e}")
-        try:
-            pairs = read_pairs(lfw_pair_file(lfw_dir, "pairs.txt"), find_image_root(lfw_dir))
-            ev = evaluate_pair_set(net, trainer.preprocess, pairs, device, cfg.flip, cfg.eval_batch_size, workers, name="LFW")
-            results["view2"] = ev.to_dict()
-            pictures = save_pictures(ev, run_dir, "lfw")
-            trainer.tracker.log({"lfw/accuracy": ev.report.accuracy, "lfw/accuracy_std": ev.report.accuracy_std, "lfw/auc": ev.report.auc}, trainer.step)
-            trainer.tracker.image("lfw/roc", pictures[0], trainer.step)
-            log(f"LFW View 2: accuracy {100 * ev.report.accuracy:.2f} ± {100 * ev.report.accuracy_std:.2f}% (10-fold), AUC {ev.report.auc:.4f}")
-        except UserError as e:
-            warn(f"View 2 evaluation skipped: {e}")
-    for bin_path in cfg.val_bins:
-        try:
-            ev = evaluate_bin(net, trainer.preprocess, Path(bin_path), device, cfg.flip, cfg.eval_batch_size, workers)
-            results[ev.name] = ev.to_dict()
-            trainer.tracker.log({f"{ev.name}/accuracy": ev.report.accuracy}, trainer.step)
-            log(f"{ev.name}: accuracy {100 * ev.report.accuracy:.2f} ± {100 * ev.report.accuracy_std:.2f}%")
-        except UserError as e:
-            warn(f"{bin_path} skipped: {e}")
-    if results:
-        write_json(run_dir / "evaluation.json", results)
-        trainer.tracker.summary({k: v.get("accuracy", v.get("test_accuracy")) for k, v in results.items()})
-    return results

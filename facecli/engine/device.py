@@ -1,0 +1,55 @@
+"""The training device: which one, which precision, which backend switches."""
+
+from __future__ import annotations
+
+import torch
+
+from facecli.errors import UserError
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` as a device; a CUDA device is made current."""
+    if name == "auto":
+        return resolve_device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as e:
+        raise UserError(f"--device {name!r} is not a device.", hint="Use auto, cpu, cuda or cuda:N.") from e
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name!r} is not supported.", hint="Use auto, cpu, cuda or cuda:N.")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name} was asked for but CUDA is not available on this machine.", hint="Use --device cpu or auto.")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s).")
+        # Work on cuda:N must not create contexts (and allocate memory) on cuda:0 as a side effect.
+        torch.cuda.set_device(device)
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def amp_dtype(device: torch.device | str, enabled: bool = True) -> torch.dtype | None:
+    """bf16 where the GPU computes it natively (Ampere and later), else fp16; None (fp32) on the CPU or with amp off.
+
+    An emulated bf16 (pre-Ampere GPUs report it as supported) is slower than fp32 there.
+    """
+    device = torch.device(device)
+    if not enabled or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+
+
+def configure_backends(device: torch.device) -> None:
+    """cuDNN autotuning: every training step has the same shapes, so the search pays once."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
+def memory_report(device: torch.device) -> str:
+    """Peak and total memory of a CUDA device, for out-of-memory messages."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return "peak memory unknown on this device"
+    gib = 1024**3
+    peak = torch.cuda.max_memory_allocated(device) / gib
+    total = torch.cuda.get_device_properties(device).total_memory / gib
+    return f"peak {peak:.1f} GiB allocated of {total:.1f} GiB"
