@@ -48,6 +48,11 @@ class Backbone(str, Enum):
     resnet34 = "resnet34"
     resnet50 = "resnet50"
     resnet101 = "resnet101"
+    iresnet18 = "iresnet18"
+    iresnet34 = "iresnet34"
+    iresnet50 = "iresnet50"
+    iresnet100 = "iresnet100"
+    mobilefacenet = "mobilefacenet"
 
 
 class Optimizer(str, Enum):

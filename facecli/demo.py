@@ -90,7 +90,7 @@ def run_demo(
     )
     preprocess = Preprocess(image_size)
     torch.manual_seed(seed)
-    untrained_net = EmbeddingNet(backbone, cfg.embedding_dim, normalize=model == "facenet").eval()
+    untrained_net = EmbeddingNet(backbone, cfg.embedding_dim, normalize=model == "facenet", image_size=image_size).eval()
     log("Measuring the untrained network on the held-out View 2 pairs...")
     untrained = evaluate_pair_set(untrained_net, preprocess, pairs, "cpu", True, 256, workers,
                                   progress, name="untrained")

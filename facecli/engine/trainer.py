@@ -161,7 +161,8 @@ class Trainer:
             self.warn(f"Skipped {len(empty)} empty image file(s), e.g. {', '.join(empty[:3])}. Delete or replace them.")
 
         self.net = EmbeddingNet(
-            cfg.backbone, cfg.embedding_dim, normalize=cfg.model == "facenet", pretrained=cfg.pretrained and not self.resume_ckpt, dropout=cfg.dropout
+            cfg.backbone, cfg.embedding_dim, normalize=cfg.model == "facenet", pretrained=cfg.pretrained and not self.resume_ckpt, dropout=cfg.dropout,
+            image_size=cfg.image_size,
         )
         self.head = None
         if cfg.model != "facenet":
