@@ -181,7 +181,7 @@ class FaceBackbone(Backbone):
         self.feature_dim = embedding_dim
         self.trunk = self._trunk()
         self.output = self._output(embedding_dim, dropout, final_map_size(image_size))
-        for m in self.modules():
+        for m in self.modules():  # He initialisation: PReLU starts at slope 0.25, close to the ReLU it assumes
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
