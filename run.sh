@@ -18,7 +18,7 @@ setup() {
   local stamp="$VENV/.facecli-installed"
   local want
   want="$(cat pyproject.toml | sha256sum | cut -c1-16)"
-  if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! "$PY" -c "import facecli, torch, torchvision, typer, rich, wandb, pydantic_settings, dotenv, matplotlib, pytest" 2>/dev/null; then
+  if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! "$PY" -c "import facecli, torch, torchvision, typer, rich, wandb, pydantic_settings, dotenv, matplotlib, yaml, pytest" 2>/dev/null; then
     echo "run.sh: installing facecli and its dependencies into $VENV (first run: a few minutes)" >&2
     "$PY" -m pip install -qq --disable-pip-version-check --upgrade pip >/dev/null 2>&1 || true
     # torch first, on its own: the one large wheel, and a machine-level constraint may cap its version.

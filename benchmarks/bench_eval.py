@@ -143,7 +143,7 @@ def main(argv=None) -> int:
     pair_set = read_pairs(pairs_file, root)
     n_pairs = len(pair_set)
     torch.manual_seed(0)
-    net = EmbeddingNet(args.backbone, 512).to(device).eval()
+    net = EmbeddingNet(args.backbone, 512, image_size=image_size).to(device).eval()
     pre = Preprocess(image_size)
 
     thresholds = np.linspace(-1.0, 1.0, NAIVE_THRESHOLDS)

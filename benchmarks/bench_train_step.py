@@ -51,7 +51,7 @@ class Step:
         self.images = torch.randint(0, 256, (batch, 3, image_size, image_size), dtype=torch.uint8, generator=g).to(device)
         self.labels = torch.randint(0, classes, (batch,), generator=g).to(device)
         self.pre = Preprocess(image_size)
-        net = EmbeddingNet(backbone, 512)
+        net = EmbeddingNet(backbone, 512, image_size=image_size)
         if naive:
             from bench_heads import naive_arcface
 

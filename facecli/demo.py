@@ -98,7 +98,7 @@ def run_demo(
     _ensure_synthetic_set(data, identities, test_identities, images_per_identity, cfg.seed, log, progress)
     pairs = read_pairs(lfw_pair_file(lfw_dir, "pairs.txt"), find_image_root(lfw_dir))
     torch.manual_seed(cfg.seed)
-    untrained_net = EmbeddingNet(cfg.backbone, cfg.embedding_dim, normalize=model == "facenet").eval()
+    untrained_net = EmbeddingNet(cfg.backbone, cfg.embedding_dim, normalize=model == "facenet", image_size=cfg.image_size).eval()
     log("Measuring the untrained network on the held-out View 2 pairs...")
     workers = resolve_workers(cfg.workers, World())
     untrained = evaluate_pair_set(Embedder(untrained_net, Preprocess(cfg.image_size), "cpu", batch_size=256, workers=workers), pairs, progress, name="untrained")

@@ -50,7 +50,7 @@ def test_every_model_trains_end_to_end(model, synth_root, tmp_path):
     assert latest["net"]["backbone"] == "resnet18"
     if model == "facenet":
         # 16 = P4 x K4 batches from 12 identities x 6 images; a normalised 128-d embedding
-        assert latest["net"] == {"backbone": "resnet18", "embedding_dim": 128, "normalize": True}
+        assert latest["net"] == {"backbone": "resnet18", "embedding_dim": 128, "normalize": True, "image_size": 32}
         assert latest["head_state"] is None
         assert latest["train_config"]["images_per_identity"] == 4
     else:

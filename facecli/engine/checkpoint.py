@@ -200,7 +200,9 @@ def build_net_from_checkpoint(ckpt: dict) -> torch.nn.Module:
     from facecli.backbones import EmbeddingNet
 
     cfg = ckpt["net"]
-    net = EmbeddingNet(backbone=cfg["backbone"], embedding_dim=cfg["embedding_dim"], normalize=cfg["normalize"])
+    # Checkpoints written before the face backbones have no "image_size" (their ResNets do not depend on it).
+    image_size = cfg.get("image_size", ckpt["preprocess"].get("image_size", 112))
+    net = EmbeddingNet(backbone=cfg["backbone"], embedding_dim=cfg["embedding_dim"], normalize=cfg["normalize"], image_size=int(image_size))
     net.load_state_dict(ckpt["net_state"])
     return net
 

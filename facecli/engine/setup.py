@@ -67,7 +67,7 @@ def build_parts(cfg: TrainConfig, world, device: torch.device, amp: torch.dtype 
     loss_cls = LOSSES[cfg.model]
     net = EmbeddingNet(
         cfg.backbone, cfg.embedding_dim, normalize=loss_cls.normalize_embeddings, pretrained=cfg.pretrained and not resume_ckpt,
-        dropout=cfg.dropout,
+        dropout=cfg.dropout, image_size=cfg.image_size,
     )
     head = _head(cfg, world, len(classes))
     model = FaceModelForTraining(net, head).to(device)
