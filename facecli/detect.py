@@ -88,12 +88,17 @@ def _model_file(name: str) -> str:
     return str(path)
 
 
+def _flat(triangle: np.ndarray) -> bool:
+    """Third point (nose base) within a tenth of the eye distance of the eye line: no usable shape."""
+    eyes, nose = triangle[1] - triangle[0], triangle[2] - triangle[0]
+    return abs(eyes[0] * nose[1] - eyes[1] * nose[0]) < 0.1 * float(eyes @ eyes)
+
+
 def _affine_from_3(src: np.ndarray, dst: np.ndarray) -> np.ndarray | None:
-    """The 2x3 affine map carrying three points onto three others; None if they are collinear."""
-    a = np.hstack([src, np.ones((3, 1))])
-    if abs(np.linalg.det(a)) < 1e-6 * (1.0 + np.abs(src).max()) ** 2:
+    """The 2x3 affine map carrying three points onto three others; None if either set is (nearly) collinear."""
+    if _flat(src) or _flat(dst):
         return None
-    return np.linalg.solve(a, dst).T
+    return np.linalg.solve(np.hstack([src, np.ones((3, 1))]), dst).T
 
 
 def arcface_points(dlib5: np.ndarray) -> np.ndarray:
@@ -193,10 +198,15 @@ class HaarDetector:
 DETECTORS = ("hog", "mmod", "haar")
 
 
-def make_detector(name: str = "hog", upsample: int = 1) -> Detector:
+# Image doublings before detecting: HOG's 80-pixel window finds 40-pixel faces after one
+# (25 ms for a 250x250 photo); MMOD already finds LFW's faces without (0.3 s instead of 1.3 s).
+DEFAULT_UPSAMPLE = {"hog": 1, "mmod": 0}
+
+
+def make_detector(name: str = "hog", upsample: int | None = None) -> Detector:
     """A detector by name; :class:`UserError` for an unknown name or a missing extra."""
     if name in ("hog", "mmod"):
-        return DlibDetector(name, upsample)
+        return DlibDetector(name, DEFAULT_UPSAMPLE[name] if upsample is None else upsample)
     if name == "haar":
         return HaarDetector()
     raise UserError(f"Unknown detector {name!r}.", hint=f"Choose one of: {', '.join(DETECTORS)}.")

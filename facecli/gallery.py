@@ -21,7 +21,6 @@ from typing import Sequence
 
 import numpy as np
 
-from facecli.data.images import is_image_file
 from facecli.errors import UserError
 
 GALLERY_FORMAT = "facecli-gallery"
@@ -83,19 +82,26 @@ def identify(gallery: Gallery, probes: np.ndarray, threshold: float, k: int = 5,
     return out
 
 
-def people_folders(root: Path) -> list[tuple[str, list[Path]]]:
-    """(person, photos) for each sub-folder of ``root`` holding images; one folder per person."""
+def people_folders(root: Path) -> tuple[list[tuple[str, list[Path]]], list[str]]:
+    """(person, photos) for each sub-folder of ``root`` holding images, and what could not be read.
+
+    One folder per person; folders are walked like ``embed`` walks them (links leading
+    outside a folder are reported, not followed).
+    """
+    from facecli.evaluation.embed_files import collect_images
+
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"{root}: no such folder.", hint="Give a folder with one sub-folder of photos per person.")
-    people = []
+    people, problems = [], []
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        photos = sorted(p for p in folder.rglob("*") if p.is_file() and is_image_file(p) and p.resolve().is_relative_to(folder.resolve()))
+        photos, _, skipped = collect_images([folder])
+        problems += skipped
         if photos:
             people.append((folder.name, photos))
     if not people:
         raise UserError(f"{root}: no person folders with images.", hint="Lay it out as PEOPLE/<name>/<photo>.jpg, several photos each.")
-    return people
+    return people, problems
 
 
 def build_gallery(names: Sequence[str], labels: Sequence[int], embeddings: np.ndarray, sources: Sequence[str],

@@ -78,13 +78,14 @@ def gallery_build(
     from facecli.models import open_model
 
     _positive(batch_size, "--batch-size")
-    people = people_folders(people_dir)
+    people, unread = people_folders(people_dir)
     det = detector_for(detect, detector)
     dev = _device(device)
     runner = open_model(model_path, dev)
     files = [photo for _, photos in people for photo in photos]
     label_of = {photo: k for k, (_, photos) in enumerate(people) for photo in photos}
     found = embed_photos(runner, files, det, True, dev, flip, batch_size, workers, _progress_factory)
+    found.problems = unread + found.problems
     _warn_photos(found)
     if not found.records:
         raise UserError(f"No usable face in any of the {found.photos} photo(s) under {people_dir}.", hint="Check the photos, or drop --detect for face crops.")
