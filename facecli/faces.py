@@ -8,8 +8,9 @@ the model's own preprocessing (its centre-crop fraction), as ``embed`` always di
 
 from __future__ import annotations
 
+import csv
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Callable, Sequence
 
 import numpy as np
@@ -17,11 +18,12 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from facecli.align import align_face, load_photo
+from facecli.align import _output_name, _save, align_face, load_photo
 from facecli.data.folders import ImageFiles
 from facecli.data.images import Preprocess, to_rgb
 from facecli.detect import Detector, Face, keep_largest
-from facecli.errors import ImageError
+from facecli.errors import ImageError, UserError
+from facecli.evaluation.embed_files import collect_images
 
 Progress = Callable[[str, int], Callable[[int], None]]
 
@@ -41,6 +43,14 @@ class Detections:
     no_face: list[Path] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # unreadable photos, with the reason
     photos: int = 0
+
+
+def no_face_note(found) -> str | None:
+    """The warning naming photos without a face (first five), or None when every photo had one."""
+    if not found.no_face:
+        return None
+    names = ", ".join(str(p) for p in found.no_face[:5]) + (", ..." if len(found.no_face) > 5 else "")
+    return f"no face found in {len(found.no_face)} of {found.photos} photo(s): {names}"
 
 
 def photo_pixels(path: Path) -> np.ndarray:
@@ -146,10 +156,6 @@ class AlignedPhotos:
 
 def _crop_name(rel: str, index: int, largest: bool) -> str:
     """``a/b.jpg`` for the one face with ``--largest``, else ``a/b_face0.jpg``, ``a/b_face1.jpg``, ..."""
-    from pathlib import PurePosixPath
-
-    from facecli.align import _output_name
-
     path = PurePosixPath(rel)
     name = rel if largest else str(path.with_name(f"{path.stem}_face{index}{path.suffix}"))
     return _output_name(name)[0]
@@ -157,8 +163,6 @@ def _crop_name(rel: str, index: int, largest: bool) -> str:
 
 def _sources(src: Path) -> list[tuple[Path, str]]:
     """(photo, path relative to ``src``) for a folder walked recursively, or a single photo."""
-    from facecli.evaluation.embed_files import collect_images
-
     files, keys, _ = collect_images([src])
     return list(zip(files, keys))
 
@@ -170,11 +174,6 @@ def align_photos(src: Path, dst: Path, detector: Detector, largest: bool = False
     Relative paths are kept; ``dst/detections.csv`` lists every crop with its source photo,
     box, score and landmarks (in the source photo's pixels).
     """
-    import csv
-
-    from facecli.align import _output_name, _save
-    from facecli.errors import UserError
-
     src, dst = Path(src), Path(dst)
     if not src.exists():
         raise UserError(f"{src}: source not found.", hint="Give a photo or a folder of photos.")

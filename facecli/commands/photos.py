@@ -41,9 +41,10 @@ def detector_for(detect: bool, name: DetectorName):
 
 def _warn_photos(found) -> None:
     """Name photos without a face and unreadable ones; neither stops the command."""
-    if found.no_face:
-        names = ", ".join(str(p) for p in found.no_face[:5]) + (", ..." if len(found.no_face) > 5 else "")
-        warn(f"no face found in {len(found.no_face)} of {found.photos} photo(s): {names}")
+    from facecli.faces import no_face_note
+
+    if no_face_note(found):
+        warn(no_face_note(found))
     for problem in found.problems:
         warn(f"skipped {problem}")
 

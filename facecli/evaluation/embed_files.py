@@ -157,17 +157,15 @@ def write_embeddings(result: EmbedResult, out: Path) -> Path:
 
 def embed_detected(model, paths, device, flip, batch_size, workers, detector, largest, progress) -> EmbedResult:
     """One row per face found in raw photos; photos without a face are counted and named in a warning."""
-    from facecli.faces import embed_photos
+    from facecli.faces import embed_photos, no_face_note
+    from facecli.ui import warn
 
     files, _, problems = collect_images(paths)
     if not files:
         raise UserError("No images found in " + ", ".join(str(p) for p in paths) + ".", hint="Pass image files or folders holding .jpg/.png images.")
     found = embed_photos(model, files, detector, largest, device, flip, batch_size, workers, progress)
-    if found.no_face:
-        from facecli.ui import warn
-
-        names = ", ".join(str(p) for p in found.no_face[:5]) + (", ..." if len(found.no_face) > 5 else "")
-        warn(f"no face found in {len(found.no_face)} of {found.photos} photo(s): {names}")
+    if no_face_note(found):
+        warn(no_face_note(found))
     if not found.records:
         raise UserError(f"No face found in any of the {found.photos} photo(s).", hint="Try --detector mmod (turned or small faces), or give face crops without --detect.")
     return EmbedResult([r.source for r in found.records], found.embeddings, problems + found.problems, columns=found.columns())
