@@ -210,6 +210,14 @@ def test_export_matches_pytorch_through_onnxruntime(trained_checkpoint, synth_lf
         assert cli("embed", source, *images, "--out", out, "--device", "cpu").exit_code == 0
         vectors.append(np.load(out)["embeddings"])
     assert np.abs(vectors[0] - vectors[1]).max() <= 1e-4
+    # ... and identify takes it against a gallery built with the checkpoint (same fingerprint).
+    people, gallery = tmp_path / "people", tmp_path / "g.npz"
+    for k, image in enumerate(images[:2]):
+        (people / f"p{k}").mkdir(parents=True)
+        shutil.copy(image, people / f"p{k}" / "a.jpg")
+    assert cli("gallery", "build", trained_checkpoint, people, "--out", gallery, "--device", "cpu").exit_code == 0
+    found = cli("identify", gallery, model, images[1], "--threshold", "0", "--json")
+    assert found.exit_code == 0 and json.loads(found.output)["faces"][0]["answer"] == "p1", found.output
 
 
 @needs_export
