@@ -136,6 +136,7 @@ def export_model(runner: ModelRunner, out: Path, images: torch.Tensor | None = N
         raise UserError(f"{runner.path} is already an ONNX export.", hint="Export from the .pt checkpoint.")
     if out.suffix.lower() != ".onnx":
         raise UserError(f"Output {out} should end in .onnx.", hint="e.g. facecli export run/latest.pt model.onnx")
+    _onnx()  # before torch's exporter, which would fail on a missing onnxscript with a traceback
     proto = to_onnx_proto(runner.net, runner.preprocess.image_size)
     write_onnx(proto, onnx_metadata(runner, str(runner.path)), out)
     runner.net.eval()
