@@ -198,13 +198,13 @@ def identification(checkpoint: Path, people: dict, holdout_every: int, threshold
     rows = []
     for mode, detector in (("as given (model's crop)", None), ("--detect hog, aligned", make_detector("hog"))):
         start = time.perf_counter()
-        row = {"set": label, "mode": mode, "closed": closed_set(runner, test_people, detector),
+        row = {"set": label, "checkpoint": str(checkpoint), "mode": mode, "closed": closed_set(runner, test_people, detector),
                "open": open_set(runner, test_people, detector, holdout_every, threshold)}
         row["seconds"] = time.perf_counter() - start
         print(f"  {label}, {mode}: rank-1 {100 * row['closed']['rank1']:.2f}% over {row['closed']['people']} people; open set {json.dumps(row['open']['points'])}", flush=True)
         rows.append(row)
     if len(test_people) < len(people):  # for reference: everyone, trained-on people included
-        rows.append({"set": label, "mode": "as given, all people (trained-on included)", "closed": closed_set(runner, people, None)})
+        rows.append({"set": label, "checkpoint": str(checkpoint), "mode": "as given, all people (trained-on included)", "closed": closed_set(runner, people, None)})
         print(f"  {label}, all people: rank-1 {100 * rows[-1]['closed']['rank1']:.2f}%", flush=True)
     return rows
 
@@ -233,6 +233,50 @@ def export_parity(checkpoint: Path, photos: list[Path]) -> dict:
     return {"checkpoint": str(checkpoint), "images": report.images, "max_difference": report.max_difference, "opset": report.opset}
 
 
+# ------------------------------------------------------------------------ tables
+
+
+def detection_table(rows: list[dict]) -> str:
+    lines = ["| set | detector | detected | boxes per image | CPU ms per image | wall ms per image |", "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        lines.append(f"| {r['set']} | {r['detector']} | {100 * r['detection_rate']:.1f}% | {r['boxes_per_image']:.2f} | "
+                     f"{r.get('cpu_ms_per_image', float('nan')):.1f} | {r['ms_per_image']:.1f} |")
+    return "\n".join(lines)
+
+
+def identification_table(rows: list[dict]) -> str:
+    lines = ["| set | checkpoint | faces | closed set: people, rank-1, rank-5 | open set: enrolled / impostor people | DIR at FAR 1% (t) | DIR at FAR 10% (t) | at the checkpoint's threshold: DIR, FAR |",
+             "| --- | --- | --- | --- | --- | ---: | ---: | ---: |"]
+    for r in rows:
+        c, o = r["closed"], r.get("open")
+        closed = f"{c['people']}, {100 * c['rank1']:.1f}%, {100 * c['rank5']:.1f}%"
+        closed += f" ({c['probes_without_face']} of {c['probes']} probes without a face)" if c["probes_without_face"] else ""
+        head = f"| {r['set']} | {r.get('checkpoint', '')} | {r['mode']} | {closed} |"
+        if o is None:
+            lines.append(f"{head} | | | |")
+            continue
+        pts = o["points"]
+        cell = lambda k: f"{100 * pts[k]['DIR']:.1f}% ({pts[k]['threshold']:.3f})" if k in pts else "-"  # noqa: E731
+        ck = pts.get("checkpoint")
+        at = f"{100 * ck['DIR']:.1f}%, {100 * ck['FAR']:.1f}%" if ck else "no threshold stored"
+        lines.append(f"{head} {o['enrolled_people']} / {o['impostor_people']} "
+                     f"({o['genuine_probes']} + {o['impostor_probes']} probes) | {cell('FAR 1%')} | {cell('FAR 10%')} | {at} |")
+    return "\n".join(lines)
+
+
+def report(out: dict) -> str:
+    parts = []
+    if out.get("detection"):
+        parts.append(detection_table(out["detection"]))
+    if out.get("identification"):
+        parts.append(identification_table(out["identification"]))
+    for key in ("export", "lfw_export"):
+        if out.get(key):
+            e = out[key]
+            parts.append(f"Export parity ({e['checkpoint']}): max |difference| {e['max_difference']:.2e} on {e['images']} real faces and their mirror images (opset {e['opset']}).")
+    return "\n\n".join(parts)
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -246,7 +290,17 @@ def main() -> None:
     ap.add_argument("--skip-detection", action="store_true")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", type=Path, default=RESULTS / "raw_photos.json")
+    ap.add_argument("--report", type=Path, nargs="+", help="only print the tables of earlier runs' JSON files")
     args = ap.parse_args()
+    if args.report:
+        merged: dict = {"detection": [], "identification": []}
+        for path in args.report:
+            data = json.loads(path.read_text())
+            merged["detection"] += data.get("detection", [])
+            merged["identification"] += data.get("identification", [])
+            merged.update({k: data[k] for k in ("export", "lfw_export") if k in data})
+        print(report(merged))
+        return
     threads = set_threads(args.threads)
     lfw, att = SHARED / "lfw", SHARED / "att_faces"
     out = {"machine": f"{platform.machine()}, {threads} thread(s)", "python": platform.python_version()}
@@ -267,6 +321,7 @@ def main() -> None:
         print(f"  export parity: {out['lfw_export']}", flush=True)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(out, indent=2))
+    print(report(out))
     print(f"Wrote {args.json}")
 
 
