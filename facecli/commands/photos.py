@@ -112,11 +112,12 @@ def _threshold(given: float | None, runner) -> float:
 
 def _identify_table(found, results, threshold: float) -> Table:
     t = Table(title=f"Identification (threshold {threshold:.4f})")
-    for col in ("photo", "face", "answer", "similarity", "next best"):
+    for col in ("photo", "face", "box", "answer", "similarity", "next best"):
         t.add_column(col, justify="right" if col in ("face", "similarity") else "left")
     for record, res in zip(found.records, results):
         others = ", ".join(f"{m.name} {m.score:.3f}" for m in res.top[1:])
-        t.add_row(str(record.source), str(record.index), res.answer, f"{res.top[0].score:.4f}", others)
+        box = "whole image" if record.face is None else "{:.0f},{:.0f}-{:.0f},{:.0f}".format(*record.face.box)
+        t.add_row(str(record.source), str(record.index), box, res.answer, f"{res.top[0].score:.4f}", others)
     return t
 
 
