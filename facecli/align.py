@@ -387,7 +387,7 @@ class AlignSummary:
         return ", ".join(parts) + "."
 
 
-def _load_photo(path: Path, where: str) -> Image.Image:
+def load_photo(path: Path, where: str) -> Image.Image:
     """Open, apply EXIF orientation, decode fully; ImageError for anything unreadable."""
     try:
         if path.stat().st_size == 0:
@@ -511,7 +511,7 @@ def align_folder(
             summary.missing.append(rel)
         else:
             try:
-                photo = _load_photo(source, str(source))
+                photo = load_photo(source, str(source))
             except ImageError as e:
                 summary.unreadable.append((rel, str(e)))
             else:
@@ -539,7 +539,7 @@ def _align_single(
         out = dst.with_name(out_name)
     if out.exists() and out.resolve() == image.resolve():
         raise UserError(f"{out}: output would overwrite the source image.", hint="Give another output path.")
-    photo = _load_photo(image, str(image))
+    photo = load_photo(image, str(image))
     _save(align_face(photo, points, size), out, fmt)
     if progress is not None:
         progress(1)

@@ -42,6 +42,15 @@ class ResumeFrom(str, Enum):
     best = "best"
 
 
+class DetectorName(str, Enum):
+    hog = "hog"
+    mmod = "mmod"
+    haar = "haar"
+
+
+DETECTOR_HELP = "Face detector for --detect: hog (dlib, default), mmod (dlib CNN: turned and small faces, slower) or haar (OpenCV baseline)."
+
+
 def _fail(message: str, code: int) -> None:
     err_console.print(f"[bold red]error:[/bold red] {escape(message)}", markup=True, highlight=False, soft_wrap=True)
     raise typer.Exit(code)
@@ -415,11 +424,14 @@ def tune_threshold_cmd(
 @app.command()
 @guarded
 def embed(
-    checkpoint: Path = typer.Argument(..., help="A facecli checkpoint (.pt)."),
+    checkpoint: Path = typer.Argument(..., help="A facecli checkpoint (.pt) or its ONNX export (.onnx)."),
     paths: List[Path] = typer.Argument(..., help="Images and/or folders (searched recursively)."),
     out: Optional[Path] = typer.Option(None, help="Output: .npz (embeddings + paths), .npy or .csv (default: embeddings.npz)."),
     compare: bool = typer.Option(False, "--compare", help="With two images: print their similarity and same/different."),
     landmarks: Optional[Path] = typer.Option(None, help="5-point landmarks (CSV/JSON) to align raw photos first."),
+    detect: bool = typer.Option(False, "--detect", help="Raw photos: find every face, align it, one row per face (with box, landmarks, score)."),
+    detector: DetectorName = typer.Option(DetectorName.hog, help=DETECTOR_HELP),
+    largest: bool = typer.Option(False, "--largest", help="With --detect: only the largest face of each photo."),
     flip: bool = typer.Option(True, "--flip/--no-flip"),
     batch_size: Optional[int] = typer.Option(None),
     device: Optional[str] = typer.Option(None),
@@ -429,7 +441,10 @@ def embed(
     from facecli.evaluation.embed_files import run_embed
 
     _positive(batch_size, "--batch-size")
-    code = run_embed(checkpoint, paths, out, compare, landmarks, flip, batch_size, _device(device), workers, _progress_factory)
+    if detect and landmarks is not None:
+        raise UserError("Give either --landmarks or --detect, not both.")
+    code = run_embed(checkpoint, paths, out, compare, landmarks, flip, batch_size, _device(device), workers, _progress_factory,
+                     photos.detector_for(detect, detector), largest)
     if code:
         raise typer.Exit(code)
 
@@ -462,12 +477,19 @@ def pack(
 def align(
     src: Path = typer.Argument(..., help="An image or a folder of raw photos."),
     dst: Path = typer.Argument(..., help="Where aligned 112x112 faces are written (same relative paths)."),
-    landmarks: Path = typer.Option(..., help="CSV or JSON with 5 landmarks per image (eyes, nose, mouth corners)."),
+    landmarks: Optional[Path] = typer.Option(None, help="CSV or JSON with 5 landmarks per image (eyes, nose, mouth corners)."),
+    detect: bool = typer.Option(False, "--detect", help="Find the faces and their landmarks instead (crops NAME_faceK; DST/detections.csv lists them)."),
+    detector: DetectorName = typer.Option(DetectorName.hog, help=DETECTOR_HELP),
+    largest: bool = typer.Option(False, "--largest", help="With --detect: only the largest face of each photo, under the photo's own name."),
     size: int = typer.Option(112, help="Output size (the ArcFace template is scaled to it)."),
 ):
-    """Warp photos to the standard ArcFace 112x112 template from 5-point landmarks."""
+    """Warp photos to the standard ArcFace 112x112 template from 5-point landmarks (given, or found with --detect)."""
     from facecli.align import align_folder
 
+    if (landmarks is None) == (not detect):
+        raise UserError("Give either --landmarks FILE or --detect.", hint="--detect finds faces and landmarks itself.")
+    if detect:
+        return photos.align_detected(src, dst, photos.detector_for(detect, detector), largest, size)
     summary = align_folder(src, dst, landmarks, size=size)
     console.print(f"Aligned {len(summary.written)} image(s) into {dst}", markup=False)
     if summary.skipped:
@@ -564,6 +586,10 @@ def _warn_if_bunched(threshold: float, scores=None) -> None:
 def _positive(value: int | None, flag: str) -> None:
     if value is not None and value <= 0:
         raise UserError(f"{flag} must be a positive integer, got {value}.")
+
+
+# Raw-photo commands (gallery build, identify, export) and the --detect options above.
+from facecli.commands import photos  # noqa: E402
 
 
 def main() -> None:

@@ -104,6 +104,7 @@ class EmbedResult:
     embeddings: np.ndarray  # (N, D) float32, unit rows, only readable images
     problems: list[str] = field(default_factory=list)
     forward_passes: int = 0
+    columns: dict[str, np.ndarray] = field(default_factory=dict)  # per-row extras: face, score, box, landmarks
 
 
 def embed_files(
@@ -132,33 +133,59 @@ def embed_files(
 
 
 def write_embeddings(result: EmbedResult, out: Path) -> Path:
-    """``.npz`` (embeddings + paths), ``.npy`` (embeddings) or ``.csv`` (path, values) by suffix."""
+    """``.npz`` (embeddings + paths + columns), ``.npy`` (embeddings) or ``.csv`` (path, columns, values) by suffix."""
     out = Path(out)
     suffix = out.suffix.lower()
     out.parent.mkdir(parents=True, exist_ok=True)
     paths = np.array([str(p) for p in result.paths])
     if suffix == ".npz":
-        np.savez(out, embeddings=result.embeddings, paths=paths)
+        np.savez(out, embeddings=result.embeddings, paths=paths, **result.columns)
     elif suffix == ".npy":
         np.save(out, result.embeddings)
     elif suffix == ".csv":
+        extra = [np.asarray(v).reshape(len(paths), -1) for v in result.columns.values()]
+        names = [n if c.shape[1] == 1 else f"{n}{j}" for n, c in zip(result.columns, extra) for j in range(c.shape[1])]
         with out.open("w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["path"] + [f"e{i}" for i in range(result.embeddings.shape[1])])
-            for p, row in zip(paths, result.embeddings):
-                w.writerow([p] + [f"{v:.8g}" for v in row])
+            w.writerow(["path"] + names + [f"e{i}" for i in range(result.embeddings.shape[1])])
+            for k, (p, row) in enumerate(zip(paths, result.embeddings)):
+                w.writerow([p] + [f"{v:.8g}" for c in extra for v in c[k]] + [f"{v:.8g}" for v in row])
     else:
         raise UserError(f"Unknown output format {out.suffix!r} for --out {out}.", hint="Use .npz, .npy or .csv.")
     return out
 
 
-def run_embed(checkpoint, paths, out, compare, landmarks, flip, batch_size, device, workers, progress) -> int:
-    """The ``embed`` command's work; returns the exit status (1 if any image was unreadable)."""
-    from facecli.engine.checkpoint import load_model
+def embed_detected(model, paths, device, flip, batch_size, workers, detector, largest, progress) -> EmbedResult:
+    """One row per face found in raw photos; photos without a face are counted and named in a warning."""
+    from facecli.faces import embed_photos, no_face_note
+    from facecli.ui import warn
+
+    files, _, problems = collect_images(paths)
+    if not files:
+        raise UserError("No images found in " + ", ".join(str(p) for p in paths) + ".", hint="Pass image files or folders holding .jpg/.png images.")
+    found = embed_photos(model, files, detector, largest, device, flip, batch_size, workers, progress)
+    if no_face_note(found):
+        warn(no_face_note(found))
+    if not found.records:
+        raise UserError(f"No face found in any of the {found.photos} photo(s).", hint="Try --detector mmod (turned or small faces), or give face crops without --detect.")
+    return EmbedResult([r.source for r in found.records], found.embeddings, problems + found.problems, columns=found.columns())
+
+
+def run_embed(checkpoint, paths, out, compare, landmarks, flip, batch_size, device, workers, progress, detector=None, largest=False) -> int:
+    """The ``embed`` command's work; returns the exit status (1 if any image was unreadable).
+
+    ``checkpoint`` may be a ``.pt`` checkpoint or a facecli ``.onnx`` export; with a
+    ``detector`` every face of every photo is a row (the largest per photo with ``largest``
+    or ``compare``).
+    """
+    from facecli.models import open_model
     from facecli.ui import console, warn
 
-    model = load_model(checkpoint, device=device)
-    result = embed_files(model, paths, device, flip, batch_size, workers, landmarks, progress)
+    model = open_model(checkpoint, device=device)
+    if detector is not None:
+        result = embed_detected(model, paths, device, flip, batch_size, workers, detector, largest or compare, progress)
+    else:
+        result = embed_files(model, paths, model.device_for(device), flip, batch_size, workers, landmarks, progress)
     for problem in result.problems:
         warn(f"skipped {problem}")
     if compare:
