@@ -111,6 +111,8 @@ class ShardedMarginHead(nn.Module):
     """One rank's shard of a margin head; ``forward``/``loss`` return the global-batch loss."""
 
     sharded = True
+    shardable = True
+    batch_sizes: tuple[int, ...] | None = None  # every rank's batch of the next forward, if known
 
     def __init__(self, name: str, embedding_dim: int, num_classes: int, world: World, **hparams):
         super().__init__()
@@ -165,10 +167,8 @@ class ShardedMarginHead(nn.Module):
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """Mean cross-entropy over the global batch (a 0-dim float32 tensor, identical on every rank)."""
         device = embeddings.device
-        n = torch.tensor([embeddings.shape[0]], dtype=torch.long, device=device)
-        counts = [torch.empty_like(n) for _ in range(self.world.world_size)]
-        dist.all_gather(counts, n)
-        sizes = tuple(int(c.item()) for c in counts)
+        sizes = self.batch_sizes or self._gather_sizes(embeddings)
+        self.batch_sizes = None  # one forward's: the trainer sets them again for the next step
         emb = _GatherRows.apply(embeddings.float(), sizes, self.world.rank)
         y = _all_gather_rows(labels.to(device=device, dtype=torch.long), sizes)
 
@@ -193,6 +193,14 @@ class ShardedMarginHead(nn.Module):
 
     def loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         return self(embeddings, labels)
+
+    def _gather_sizes(self, embeddings: Tensor) -> tuple[int, ...]:
+        """Every rank's batch size, read from the device (the trainer passes ``batch_sizes``
+        it agreed on the host instead, so its steps never wait here)."""
+        n = torch.tensor([embeddings.shape[0]], dtype=torch.long, device=embeddings.device)
+        counts = [torch.empty_like(n) for _ in range(self.world.world_size)]
+        dist.all_gather(counts, n)
+        return tuple(int(c.item()) for c in counts)
 
     # ------------------------------------------------------------------ checkpoints
     def full_state_dict(self) -> dict | None:

@@ -50,6 +50,7 @@ from facecli.errors import TrainingStopped, UserError
 
 STOP_EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 OOM_EXIT_CODE = 5
+STEP = "facecli::step"
 
 
 @dataclass
@@ -356,6 +357,10 @@ class Trainer:
         return True
 
     def _step(self, images: torch.Tensor, labels: torch.Tensor, sizes: tuple[int, ...]) -> None:
+        with torch.profiler.record_function(STEP):  # named for profiling: what runs per step, reads included
+            self._step_body(images, labels, sizes)
+
+    def _step_body(self, images: torch.Tensor, labels: torch.Tensor, sizes: tuple[int, ...]) -> None:
         s = self.state
         n = sum(sizes)
         if min(sizes) < 2:  # a batch that lost its images to decode errors: every rank skips it
