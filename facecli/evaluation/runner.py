@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from facecli.data.images import Preprocess, decode_image
+from facecli.data.workers import resolve_workers
 from facecli.data.lfw import PairSet, find_image_root, read_pairs
 from facecli.errors import ImageError, UserError
 from facecli.evaluation.embedding import embed_dataset, embed_paths, pair_scores
@@ -220,7 +221,7 @@ def view1_dev_accuracy(net, preprocess, lfw_dir: Path, device, cfg, warn=print) 
     except UserError as e:
         warn(f"View 1 evaluation skipped: {e}")
         return None
-    choice = tune_threshold(net, preprocess, train, test, device, cfg.flip, cfg.eval_batch_size, min(cfg.workers, 4))
+    choice = tune_threshold(net, preprocess, train, test, device, cfg.flip, cfg.eval_batch_size, resolve_workers(cfg.workers))
     return choice.test_accuracy
 
 
@@ -250,7 +251,7 @@ def end_of_training_evaluation(trainer, warn=print, log=print) -> dict:
     run_dir = trainer.run_dir
     results: dict = {}
     device = trainer.device
-    workers = min(cfg.workers, 4)
+    workers = resolve_workers(cfg.workers)
     if cfg.lfw_dir:
         lfw_dir = Path(cfg.lfw_dir)
         try:
