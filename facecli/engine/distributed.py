@@ -30,6 +30,23 @@ class World:
         return self.world_size > 1
 
 
+BACKEND_ENV = "FACECLI_DIST_BACKEND"
+
+
+def backend_for(device_type: str) -> str:
+    """NCCL on CUDA, gloo on the CPU; ``FACECLI_DIST_BACKEND`` overrides it.
+
+    gloo on CUDA tensors lets several ranks share one GPU (NCCL refuses two ranks on one
+    device): how the GPU check tests multi-process code on a one-GPU machine.
+    """
+    return os.environ.get(BACKEND_ENV) or ("nccl" if device_type == "cuda" else "gloo")
+
+
+def local_device_index(local_rank: int) -> int:
+    """The GPU of a local rank: ranks beyond the GPU count wrap around (several ranks per GPU)."""
+    return local_rank % max(1, torch.cuda.device_count())
+
+
 def init(device_type: str) -> World:
     """Join the process group described by torchrun's environment (or stay single)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -38,9 +55,9 @@ def init(device_type: str) -> World:
     rank = int(os.environ["RANK"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     if not dist.is_initialized():
-        backend = "nccl" if device_type == "cuda" else "gloo"
+        backend = backend_for(device_type)
         if device_type == "cuda":
-            torch.cuda.set_device(local_rank)
+            torch.cuda.set_device(local_device_index(local_rank))
         dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
     return World(rank=rank, world_size=world_size, local_rank=local_rank)
 
