@@ -14,9 +14,12 @@ elif [ -x .venv/bin/python ]; then
 else
     py=python3
 fi
-if compgen -G ".whl/*.whl" >/dev/null; then
+# Only where facecli's pure-Python needs are missing (a bare machine): an environment that has
+# them keeps its own (and .whl/ holds cp312 wheels, which another Python could not install).
+if ! "$py" -c "import pydantic_settings, dotenv" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
     site="${TMPDIR:-/tmp}/facecli-gpu-check-site"
-    "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl
+    PIP_ROOT_USER_ACTION=ignore "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target "$site" .whl/*.whl
     export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's facecli, for the check and its child processes
