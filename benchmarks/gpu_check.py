@@ -3,6 +3,7 @@
     benchmarks/gpu_check.sh                          # on a machine with one GPU (see benchmarks/README.md)
     benchmarks/gpu_check.sh --device cpu --quick     # dry run on the CPU: tiny sizes, CUDA-only rows skipped
     benchmarks/gpu_check.sh --budget-s 300           # total time budget (default 420 s)
+    benchmarks/gpu_check.sh --only evaluation,resume # rerun some sections (environment always runs)
 
 Sections (each item records one or more rows, or one "skipped: why" row; an item that raises
 records a "failed" row with the error and the run goes on; the JSON is rewritten after every
@@ -95,6 +96,8 @@ class Check:
 
     def item(self, section: str, name: str, fn, need_s: float = 0.0, cuda_only: bool = False) -> None:
         """Run ``fn`` (returns a row dict or a list of them) and record what happened."""
+        if self.args.only and section not in self.args.only and section != "environment":
+            return
         if cuda_only and not self.cuda:
             rows = [{"item": name, "status": "skipped", "why": "CUDA only (this is a run on the CPU)"}]
         elif self.left() < need_s:
@@ -579,10 +582,11 @@ def lfw_sets(check: Check):
 
 
 def eval_model(check: Check):
+    """The arcface checkpoint models_amp trained (trained here when that section did not run)."""
     import facecli
 
     if "checkpoint" not in check.data:
-        raise Skip("no checkpoint: the arcface run of models_amp did not finish")
+        model_amp_item(check, "arcface", amp_name(check.amp))
     return facecli.load_model(check.data["checkpoint"], device=check.device)
 
 
@@ -809,9 +813,14 @@ def parse_args(argv):
     p.add_argument("--budget-s", type=float, default=420.0, help="total time budget; items that would overrun are skipped")
     p.add_argument("--peak-tflops", type=float, default=None, help="the card's dense bf16 peak (overrides the table)")
     p.add_argument("--compile-on-cpu", action="store_true", help="also run the --compile rows on the CPU (slow)")
+    p.add_argument("--only", type=lambda t: [x.strip() for x in t.split(",") if x.strip()], default=None,
+                   help=f"run these sections only (comma-separated; environment always runs): {', '.join(SECTIONS)}")
     p.add_argument("--child-rank", default=None, help=argparse.SUPPRESS)
     p.add_argument("--work", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    unknown = set(args.only or []) - set(SECTIONS)
+    if unknown:
+        p.error(f"--only: unknown section(s) {', '.join(sorted(unknown))}; choose from {', '.join(SECTIONS)}")
     q = args.quick
     args.backbone = "resnet18" if q else "resnet50"
     args.image_size = 32 if q else 112
