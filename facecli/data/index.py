@@ -24,6 +24,7 @@ import hashlib
 import os
 import time
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,7 @@ CACHE_FORMAT = 1
 # Trees smaller than this are indexed in well under a second: not worth a cache file each
 # (the test suite and the demo create hundreds of small trees).
 CACHE_MIN_FILES = 20_000
+SCAN_THREADS = 8  # folders listed in parallel on a cold build (helps most on network file systems)
 SETTLE_NS = 2_000_000_000  # folders modified more recently than this are not trusted to the cache
 
 
@@ -103,9 +105,12 @@ class FolderIndex:
         return np.searchsorted(self.labels, np.arange(len(self.folders) + 1, dtype=np.int64)).astype(np.int64)
 
 
+_SUFFIXES = frozenset(suffix[1:] for suffix in IMAGE_SUFFIXES)
+
+
 def is_image_name(name: str) -> bool:
-    """``is_image_file`` on a bare name, without building a Path per file."""
-    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
+    """``is_image_file`` on a bare name, without building a Path per file (494k of them)."""
+    return name[:1] != "." and "." in name and name.rpartition(".")[2].lower() in _SUFFIXES
 
 
 def list_folders(root: Path) -> list[os.DirEntry]:
@@ -118,37 +123,55 @@ def _scan_folder(path: str) -> tuple[list[str], list[str]]:
     """(non-empty, empty) image file names of one folder, sorted.
 
     ``is_file()`` answers from the directory entry's type (no system call) except for
-    symbolic links and file systems that leave the type unknown. The ``stat()`` is the
-    size check behind the empty-file report; it runs once per file, when the cache is built.
+    symbolic links and file systems that leave the type unknown. The ``stat()`` (relative
+    to the open folder: no path walk) is the size check behind the empty-file report; it
+    runs once per file, when the cache is built.
     """
-    with os.scandir(path) as it:
-        names = sorted(e.name for e in it if is_image_name(e.name) and e.is_file())
-    good, empty = [], []
-    for name in names:
-        (empty if os.stat(os.path.join(path, name)).st_size == 0 else good).append(name)
-    return good, empty
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        with os.scandir(fd) as it:
+            names = sorted(e.name for e in it if is_image_name(e.name) and e.is_file())
+        empty = [n for n in names if os.stat(n, dir_fd=fd).st_size == 0]
+    finally:
+        os.close(fd)
+    if empty:
+        gone = set(empty)
+        names = [n for n in names if n not in gone]
+    return names, empty
 
 
-def scan_tree(root: str | os.PathLike, folders: list[os.DirEntry] | None = None) -> FolderIndex:
-    """Walk ``root`` once and build its index."""
+def _relative(folder: str, names: list[str]) -> list[bytes]:
+    """``folder/name`` as bytes for every name, encoded in one call per folder (NUL never occurs in names)."""
+    if not names:
+        return []
+    prefix = os.fsencode(folder) + b"/"
+    return [prefix + n for n in os.fsencode("\0".join(names)).split(b"\0")]
+
+
+def scan_tree(root: str | os.PathLike, folders: list[os.DirEntry] | None = None, threads: int = SCAN_THREADS) -> FolderIndex:
+    """Walk ``root`` once and build its index.
+
+    Folders are listed by ``threads`` threads: the system calls release the GIL, which is
+    what matters on network file systems, where each ``stat()`` is a round trip.
+    """
     folders = list_folders(Path(root)) if folders is None else folders
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        listed = list(pool.map(_scan_folder, [e.path for e in folders], chunksize=64))
     files: list[bytes] = []
-    labels: list[int] = []
     empty: list[bytes] = []
-    empty_labels: list[int] = []
-    for label, entry in enumerate(folders):
-        good, bad = _scan_folder(entry.path)
-        prefix = os.fsencode(entry.name) + b"/"
-        files.extend(prefix + os.fsencode(n) for n in good)
-        labels.extend([label] * len(good))
-        empty.extend(prefix + os.fsencode(n) for n in bad)
-        empty_labels.extend([label] * len(bad))
+    counts, empty_counts = [], []
+    for entry, (good, bad) in zip(folders, listed):
+        files.extend(_relative(entry.name, good))
+        empty.extend(_relative(entry.name, bad))
+        counts.append(len(good))
+        empty_counts.append(len(bad))
+    per_folder = np.arange(len(folders), dtype=np.int32)
     return FolderIndex(
         folders=PackedStrings.from_strings([e.name for e in folders]),
         files=PackedStrings.from_bytes(files),
-        labels=np.asarray(labels, dtype=np.int32),
+        labels=np.repeat(per_folder, counts).astype(np.int32),
         empty=PackedStrings.from_bytes(empty),
-        empty_labels=np.asarray(empty_labels, dtype=np.int32),
+        empty_labels=np.repeat(per_folder, empty_counts).astype(np.int32),
     )
 
 
