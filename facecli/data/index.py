@@ -7,13 +7,16 @@ inherited by 8 DataLoader workers per rank, is copied page by page into every wo
 the workers touch the strings' reference counts. So:
 
 * the walk uses ``os.scandir`` and trusts the directory entry's type (``d_type``); the one
-  ``stat()`` per file left finds empty files, and it runs once: the result is cached;
+  ``stat()`` per file left finds empty files, runs on 8 threads (network file systems), and
+  runs once: the result is cached;
 * the index is four numpy arrays (all relative paths in one byte buffer with offsets, and
   int32 labels), which no reference count ever touches: workers share its pages;
 * the cache (``$FACECLI_CACHE_DIR``, else ``$XDG_CACHE_HOME/facecli`` or ``~/.cache/facecli``;
   one ``.npz`` per root) is keyed by the root's real path and is valid while no identity
   folder was added, removed, renamed or changed (each folder's mtime changes when a file
-  in it is added, removed or renamed). Checking that costs one ``stat()`` per folder;
+  in it is added, removed or renamed). Checking that costs one ``stat()`` per folder. A tree
+  with a folder changed in the last 2 seconds is not cached: a second change within the
+  file system's timestamp granularity would not show in the mtime;
 * in a multi-process run the local rank 0 of each machine builds the index and writes the
   cache, then the other ranks read it (:func:`load_index` with ``coordinate=True``).
 """
