@@ -74,7 +74,7 @@ def test_the_cpu_runnable_items_ran(dry_run):
 
 
 def test_a_failing_item_is_a_row_and_the_run_goes_on(tmp_path):
-    args = argparse.Namespace(budget_s=100.0, quick=True, json=None)
+    args = argparse.Namespace(budget_s=100.0, quick=True, json=None, only=None)
     check = gpu_check.Check(args, gpu_check.C.resolve_device("cpu"), tmp_path / "r.json")
 
     def broken():
