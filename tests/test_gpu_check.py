@@ -90,3 +90,14 @@ def test_a_failing_item_is_a_row_and_the_run_goes_on(tmp_path):
     assert got["fine"]["status"] == "ok" and got["fine"]["x"] == 1
     assert got["too long"]["status"] == "skipped" and "time budget" in got["too long"]["why"]
     assert got["cannot"] == {**got["cannot"], "status": "skipped", "why": "not here"}
+
+
+def test_only_runs_the_chosen_sections(tmp_path):
+    args = argparse.Namespace(budget_s=100.0, quick=True, json=None, only=["resume"])
+    check = gpu_check.Check(args, gpu_check.C.resolve_device("cpu"), tmp_path / "r.json")
+    shutil.rmtree(check.work)
+    check.item("environment", "env", lambda: {"x": 0})  # always runs
+    check.item("resume", "chosen", lambda: {"x": 1})
+    check.item("evaluation", "not chosen", lambda: {"x": 2})
+    got = json.loads((tmp_path / "r.json").read_text())["sections"]
+    assert [r["item"] for r in got["environment"] + got["resume"]] == ["env", "chosen"] and not got["evaluation"]
