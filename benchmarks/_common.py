@@ -22,6 +22,10 @@ from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
+# Measure the facecli of this checkout, also where another one is installed in the
+# environment (an editable install of a sibling worktree) or none is (a bare GPU machine).
+if str(REPO) not in sys.path:
+    sys.path.insert(1, str(REPO))
 
 
 def set_threads(threads: int | None) -> int:

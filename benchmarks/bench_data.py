@@ -72,6 +72,14 @@ class NaiveFolder:
         return self.transform(img), int(self.labels[i])
 
 
+def parse_workers(text: str) -> list[int]:
+    """``0,2,auto`` -> [0, 2, N]: each count once, ``auto`` resolved as facecli resolves it."""
+    from facecli.data.workers import resolve_workers
+
+    counts = [resolve_workers(w.strip()) for w in text.split(",") if w.strip()]
+    return list(dict.fromkeys(counts))
+
+
 def _one_thread(_):
     import torch
 
@@ -85,7 +93,10 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=int, default=None, help="images per timed pass (default 2000)")
     p.add_argument("--image-size", type=int, default=112)
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--workers", default="0,2", help="comma-separated worker counts to measure (0 = in-process, per worker)")
+    p.add_argument("--workers", default="0,2,auto",
+                   help="comma-separated worker counts to measure (0 = in-process, per worker; auto = facecli's --workers auto)")
+    p.add_argument("--decode-gpu", action="store_true", default=None,
+                   help="also time --decode gpu: workers read bytes, the batch is decoded on --device (default: on with CUDA)")
     args = p.parse_args(argv)
     rounds = args.rounds or (2 if args.quick else 5)
     n_images = args.images or (256 if args.quick else 2000)
@@ -94,8 +105,10 @@ def main(argv=None) -> int:
     import numpy as np
     from torch.utils.data import DataLoader
 
+    from facecli.data.device_decode import to_device_batch
     from facecli.data.folders import IdentityFolderDataset, collate_samples
     from facecli.data.images import Preprocess, normalize_batch
+    from facecli.data.workers import resolve_workers, usable_cpus
     from facecli.engine.trainer import flip_batch
 
     device = C.resolve_device(args.device)
@@ -116,10 +129,13 @@ def main(argv=None) -> int:
         Path(path).read_bytes()
     naive_ds = NaiveFolder(paths, labels, args.image_size)
     batches = [list(map(int, subset[i : i + args.batch])) for i in range(0, len(subset), args.batch)]
-    worker_counts = [int(w) for w in args.workers.split(",") if w.strip()]
+    worker_counts = parse_workers(args.workers)
+    auto_workers = resolve_workers("auto")
+    decode_gpu = device.type == "cuda" if args.decode_gpu is None else args.decode_gpu
+    gpu_dataset = IdentityFolderDataset(folder, pre, decode="gpu") if decode_gpu else None
     C.say(
         f"data: {len(paths)} images from {folder} (sizes {dict(with_sizes)}), to {args.image_size}x{args.image_size}, "
-        f"batch {args.batch}, workers {worker_counts}; {rounds} rounds"
+        f"batch {args.batch}, workers {worker_counts} (auto = {auto_workers} on {usable_cpus()} usable CPUs); {rounds} rounds"
     )
 
     def in_process_rounds():
@@ -154,7 +170,8 @@ def main(argv=None) -> int:
         fc_kwargs = dict(batch_sampler=batches, num_workers=w, collate_fn=collate_samples, pin_memory=device.type == "cuda")
         if w > 0:
             fc_kwargs.update(persistent_workers=True, prefetch_factor=4, worker_init_fn=_one_thread)
-        loaders[w] = (DataLoader(naive_ds, **naive_kwargs), DataLoader(dataset, **fc_kwargs))
+        loaders[w] = (DataLoader(naive_ds, **naive_kwargs), DataLoader(dataset, **fc_kwargs),
+                      DataLoader(gpu_dataset, **fc_kwargs) if decode_gpu else None)
 
     def run_naive(loader):
         def run():
@@ -170,6 +187,17 @@ def main(argv=None) -> int:
             n = 0
             for x, y, bad in loader:
                 n += x.shape[0]
+            assert n == len(paths), (n, len(paths))
+
+        return run
+
+    def run_decode_on_device(loader):
+        def run():
+            n = 0
+            for enc, y, bad in loader:
+                x, y, bad = to_device_batch(enc, y, bad, pre, device)
+                n += x.shape[0]
+            C.synchronize(device)
             assert n == len(paths), (n, len(paths))
 
         return run
@@ -191,17 +219,21 @@ def main(argv=None) -> int:
         return 1e6 * best
 
     variants = {}
-    for w, (naive_loader, fc_loader) in loaders.items():
+    for w, (naive_loader, fc_loader, gpu_loader) in loaders.items():
         variants[f"naive w={w}"] = run_naive(naive_loader)
         variants[f"facecli w={w}"] = run_facecli(fc_loader)
+        if gpu_loader is not None:
+            variants[f"facecli --decode gpu w={w}"] = run_decode_on_device(gpu_loader)
     times = C.interleaved(variants, rounds, 1, warmup=1, device=device, log=C.say) if variants else {}
     if 0 in worker_counts:
         times.update(in_process_rounds())
 
     rows = []
     for w in worker_counts:
-        for kind in ("naive", "facecli"):
+        for kind in ("naive", "facecli", "facecli --decode gpu"):
             name = f"{kind} w={w}"
+            if name not in times:
+                continue
             ips = len(paths) / C.median(times[name])
             row = {
                 "pipeline": kind,
@@ -210,12 +242,12 @@ def main(argv=None) -> int:
                 "images_per_s_per_worker": round(ips / max(w, 1), 1),
                 "noise_pct": round(C.spread(times[name]), 1),
             }
-            if kind == "facecli":
+            if kind != "naive":
                 row["speedup_vs_naive"] = round(C.ratio_to(times, name, f"naive w={w}"), 3)
             rows.append(row)
     shown = [
         {**r, "speedup_vs_naive": f"{r['speedup_vs_naive']:.2f}x" if "speedup_vs_naive" in r else "",
-         "workers": "0 (in-process)" if r["workers"] == 0 else r["workers"]}
+         "workers": "0 (in-process)" if r["workers"] == 0 else (f"{r['workers']} (auto)" if r["workers"] == auto_workers else r["workers"])}
         for r in rows
     ]
     C.say(
@@ -234,7 +266,7 @@ def main(argv=None) -> int:
         {
             "benchmark": "data",
             "config": {"folder": str(folder), "images": len(paths), "image_size": args.image_size, "batch": args.batch,
-                       "workers": worker_counts, "rounds": rounds, "device": str(device), "threads": threads, "quick": args.quick,
+                       "workers": worker_counts, "auto_workers": auto_workers, "usable_cpus": usable_cpus(), "decode_gpu": decode_gpu, "rounds": rounds, "device": str(device), "threads": threads, "quick": args.quick,
                        "source_sizes_sample": {f"{w}x{h}": n for (w, h), n in with_sizes.items()}},
             "environment": C.environment(device),
             "rows": rows,

@@ -279,11 +279,19 @@ def _load(checkpoint: Path, device):
     return load_model(checkpoint, device=device)
 
 
-def _embedder(checkpoint: Path, device: str | None, flip: bool, batch_size: int | None, workers: int, amp: bool = True):
+WORKERS_HELP = "DataLoader worker processes, or auto (the CPUs this process may use, less one, at most 16)."
+
+
+def _embedder(checkpoint: Path, device: str | None, flip: bool, batch_size: int | None, workers: str, amp: bool = True):
     """(loaded model, its Embedder): what every evaluation command starts from."""
+    from facecli.data.workers import resolve_workers
     from facecli.evaluation.embedding import Embedder
 
     _positive(batch_size, "--batch-size")
+    try:
+        workers = resolve_workers(workers)
+    except ValueError:
+        raise UserError(f"--workers must be a non-negative integer or auto, got {workers!r}.") from None
     dev = _device(device)
     fm = _load(checkpoint, dev)
     return fm, Embedder(fm.net, fm.preprocess, dev, flip, batch_size, workers, amp)
@@ -309,7 +317,7 @@ def eval_lfw(
     flip: bool = typer.Option(True, "--flip/--no-flip", help="Flip test-time augmentation."),
     batch_size: Optional[int] = typer.Option(None, help="Embedding batch size (default: 1024 on GPU, 128 on CPU)."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda or cuda:N."),
-    workers: int = typer.Option(2, min=0, help="DataLoader worker processes."),
+    workers: str = typer.Option("auto", help=WORKERS_HELP),
     allow_missing: bool = typer.Option(False, help="Evaluate even if some pair images are missing (they are counted)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the figures to this JSON file (pictures go beside it)."),
     amp: bool = typer.Option(True, "--amp/--no-amp", help="Mixed precision on CUDA (as in training)."),
@@ -353,7 +361,7 @@ def eval_sets(
     flip: bool = typer.Option(True, "--flip/--no-flip"),
     batch_size: Optional[int] = typer.Option(None),
     device: Optional[str] = typer.Option(None),
-    workers: int = typer.Option(2, min=0),
+    workers: str = typer.Option("auto", help=WORKERS_HELP),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write all figures to this JSON file."),
     amp: bool = typer.Option(True, "--amp/--no-amp", help="Mixed precision on CUDA (as in training)."),
 ):
@@ -386,7 +394,7 @@ def tune_threshold_cmd(
     flip: bool = typer.Option(True, "--flip/--no-flip"),
     batch_size: Optional[int] = typer.Option(None),
     device: Optional[str] = typer.Option(None),
-    workers: int = typer.Option(2, min=0),
+    workers: str = typer.Option("auto", help=WORKERS_HELP),
     save: bool = typer.Option(False, "--save/--no-save", help="Store the threshold in the checkpoint (atomically)."),
     json_out: Optional[Path] = typer.Option(None, "--json"),
     amp: bool = typer.Option(True, "--amp/--no-amp", help="Mixed precision on CUDA (as in training)."),

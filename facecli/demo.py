@@ -22,8 +22,8 @@ from facecli.backbones import EmbeddingNet
 from facecli.data.images import Preprocess
 from facecli.data.lfw import find_image_root, read_pairs
 from facecli.engine.config import TrainConfig
-from facecli.engine.distributed import World
-from facecli.engine.trainer import Trainer, resolve_workers
+from facecli.data.workers import resolve_workers
+from facecli.engine.trainer import Trainer
 from facecli.errors import UserError
 from facecli.evaluation.embedding import Embedder
 from facecli.evaluation.runner import evaluate_pair_set, lfw_pair_file
@@ -100,7 +100,7 @@ def run_demo(
     torch.manual_seed(cfg.seed)
     untrained_net = EmbeddingNet(cfg.backbone, cfg.embedding_dim, normalize=model == "facenet", image_size=cfg.image_size).eval()
     log("Measuring the untrained network on the held-out View 2 pairs...")
-    workers = resolve_workers(cfg.workers, World())
+    workers = resolve_workers(cfg.workers)
     untrained = evaluate_pair_set(Embedder(untrained_net, Preprocess(cfg.image_size), "cpu", batch_size=256, workers=workers), pairs, progress, name="untrained")
 
     trainer = Trainer(cfg, log=log, warn=warn, progress_factory=train_progress)

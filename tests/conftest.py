@@ -45,6 +45,7 @@ def _isolated_env(tmp_path, monkeypatch):
     for key in ("DATASET_PATH", "CHECKPOINTS_DIR", "WANDB_API_KEY", "WANDB_PROJECT", "WANDB_ENTITY"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setenv("FACECLI_CACHE_DIR", str(tmp_path / ".facecli-cache"))  # never the developer's ~/.cache
 
 
 @pytest.fixture(scope="session")

@@ -65,15 +65,25 @@ def build_train_dataset(
     preprocess: Preprocess,
     classes: Sequence[str] | None = None,
     identities: Sequence[str] | None = None,
+    decode: str = "cpu",
+    index_cache: str | os.PathLike | None | bool = None,
 ):
-    """Identity folders or a packed ``train.rec``, whichever ``train_dir`` holds."""
+    """Identity folders or a packed ``train.rec``, whichever ``train_dir`` holds.
+
+    ``decode="gpu"``: samples carry encoded JPEGs, decoded on the training device
+    (:mod:`facecli.data.device_decode`). ``index_cache``: where the folder index is cached
+    (None: the default, False: nowhere). In a distributed run each machine's local rank 0
+    indexes the folders first and the others read its cache.
+    """
     from facecli.data.recordio import RecordIODataset, is_recordio_dir
 
     if is_recordio_dir(train_dir):
         wanted = list(classes) if classes is not None else (list(identities) if identities is not None else None)
         return RecordIODataset(
-            train_dir, image_size=preprocess.image_size, crop_fraction=preprocess.crop_fraction, identities=wanted
+            train_dir, image_size=preprocess.image_size, crop_fraction=preprocess.crop_fraction, identities=wanted, decode=decode
         )
     from facecli.data.folders import IdentityFolderDataset
 
-    return IdentityFolderDataset(train_dir, preprocess, classes=classes, identities=identities)
+    return IdentityFolderDataset(
+        train_dir, preprocess, classes=classes, identities=identities, decode=decode, index_cache=index_cache, coordinate=True
+    )

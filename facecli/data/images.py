@@ -88,7 +88,36 @@ def resolve_crop(size: tuple[int, int], crop_fraction: float | None) -> float:
     return UNALIGNED_CROP if tuple(size) == UNALIGNED_SIZE else 1.0
 
 
-def _read(source: Source, where: str) -> bytes:
+def crop_side(width: int, height: int, crop_fraction: float | None) -> int:
+    """Side of the centred square kept from a ``width`` x ``height`` image (see the crop policy)."""
+    return max(1, int(round(min(width, height) * resolve_crop((width, height), crop_fraction))))
+
+
+def draft_scale(width: int, height: int, side: int, image_size: int) -> int:
+    """The reduction (1, 2, 4 or 8) that JPEG draft mode decodes at for this crop and input size.
+
+    Draft mode applies when the crop is more than twice the input; PIL then picks the largest
+    of 8, 4, 2, 1 that keeps at least ``image_size`` pixels in the crop (PIL's ``draft`` rule,
+    repeated here so that the device decoder can reproduce the same geometry).
+    """
+    if side <= 2 * image_size:
+        return 1
+    want_w, want_h = max(1, int(width * image_size / side)), max(1, int(height * image_size / side))
+    scale = min(width // want_w, height // want_h)
+    return next(s for s in (8, 4, 2, 1) if scale >= s)
+
+
+def centre_square(pixels: torch.Tensor, side: int) -> torch.Tensor:
+    """The centred ``side`` x ``side`` region of (..., H, W) pixels (a view)."""
+    h, w = pixels.shape[-2], pixels.shape[-1]
+    if side == min(w, h) and w == h:
+        return pixels
+    left = (w - side) // 2
+    top = (h - side) // 2
+    return pixels[..., top : top + side, left : left + side]
+
+
+def read_image_bytes(source: Source, where: str) -> bytes:
     """The encoded bytes of ``source`` (a path or bytes)."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         if len(source) == 0:
@@ -156,11 +185,7 @@ def _pil_pixels(img: Image.Image) -> torch.Tensor:
 
 def _crop_resize(pixels: torch.Tensor, side: int, image_size: int) -> torch.Tensor:
     """Centre square of ``side`` pixels, resized to ``image_size`` (bilinear, antialiased), contiguous."""
-    h, w = pixels.shape[1], pixels.shape[2]
-    if side != min(w, h) or w != h:
-        left = (w - side) // 2
-        top = (h - side) // 2
-        pixels = pixels[:, top : top + side, left : left + side]
+    pixels = centre_square(pixels, side)
     if side != image_size:
         # channels-last uint8 input takes torch's vectorised antialiased path
         x = pixels.unsqueeze(0).contiguous(memory_format=torch.channels_last)
@@ -204,14 +229,13 @@ def decode_image(
     Raises :class:`ImageError` for empty, truncated or non-image input.
     """
     where = where or (str(source) if not isinstance(source, (bytes, bytearray, memoryview)) else "<bytes>")
-    data = _read(source, where)
+    data = read_image_bytes(source, where)
     img = _open(data, where)
     try:
         w, h = img.size
-        frac = resolve_crop((w, h), crop_fraction)
-        side = max(1, int(round(min(w, h) * frac)))
+        side = crop_side(w, h, crop_fraction)
         pixels = None
-        if img.format == "JPEG" and side > 2 * image_size:
+        if img.format == "JPEG" and draft_scale(w, h, side, image_size) > 1:
             # Decode at 1/2, 1/4 or 1/8 scale while keeping at least image_size pixels in the crop.
             scale_to = (max(1, int(w * image_size / side)), max(1, int(h * image_size / side)))
             img.draft("RGB", scale_to)

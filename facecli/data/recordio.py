@@ -42,7 +42,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from facecli.data.images import Preprocess, decode_image, is_image_file, to_rgb
+from facecli.data.device_decode import Encoded
+from facecli.data.images import Preprocess, decode_image, is_image_file, read_image_bytes, to_rgb
 from facecli.errors import UserError
 
 __all__ = [
@@ -524,7 +525,12 @@ class RecordIODataset(Dataset):
         image_size: int = 112,
         crop_fraction: float | None = None,
         identities: Sequence[str] | None = None,
+        decode: str = "cpu",
     ):
+        """``decode="gpu"``: samples carry the encoded image (:class:`~facecli.data.device_decode.Encoded`)."""
+        if decode not in ("cpu", "gpu"):
+            raise UserError(f"--decode must be cpu or gpu, got {decode!r}.")
+        self.decode = decode
         self.rec_dir = Path(rec_dir)
         if not self.rec_dir.is_dir():
             raise UserError(f"{self.rec_dir}: not a folder.", hint="Pass the folder holding train.rec and train.idx.")
@@ -689,6 +695,8 @@ class RecordIODataset(Dataset):
         where = f"{self.reader.rec_path}[key {key}]"
         try:
             _, payload = unpack_record(self.reader.read(key), where)
+            if self.decode == "gpu":
+                return Encoded(read_image_bytes(payload, where), where), label, None
             image = decode_image(payload, self.preprocess.image_size, self.preprocess.crop_fraction, where=where)
         except UserError as e:
             return None, label, str(e)

@@ -56,7 +56,14 @@ class TrainConfig(BaseModel):
     image_size: int = setting(112, "Input size in pixels (square).", ge=16)
     crop_fraction: float | None = setting(None, "Centre crop before resizing (default: 0.6 for 250x250 images, else 1).", gt=0, le=1)
     images_per_identity: int = setting(4, "FaceNet: K images per identity in each P x K batch.", ge=2)
-    workers: int | Literal["auto"] = setting("auto", "DataLoader worker processes, or auto (this process's CPU cores / local processes).", resume=True, union_mode="left_to_right")
+    workers: int | Literal["auto"] = setting(
+        "auto", "DataLoader workers per training process, or auto: the CPUs this process may use (affinity, container quota) / processes on this machine, less one, at most 16.",
+        resume=True, union_mode="left_to_right",
+    )
+    decode: Literal["cpu", "gpu"] = setting(
+        "cpu", "Where JPEGs are decoded: cpu (DataLoader workers) or gpu (nvJPEG on the training GPU, workers only read files; non-JPEG, CMYK or corrupt files fall back to the CPU).",
+        resume=True,
+    )
     # network
     backbone: str = setting("resnet50", "Backbone network.", choices="backbones")
     pretrained: bool = setting(False, "Start the backbone from ImageNet weights.")
@@ -79,6 +86,7 @@ class TrainConfig(BaseModel):
     # hardware
     device: str = setting("auto", "auto, cpu, cuda or cuda:N.", resume=True)
     amp: bool = setting(True, "Mixed precision on CUDA (bf16 where the GPU has it, else fp16 with loss scaling).", resume=True)
+    amp_dtype: Literal["auto", "bf16", "fp16"] = setting("auto", "Mixed-precision type on CUDA: auto (bf16 where native, else fp16), bf16, or fp16 (with a GradScaler).")
     channels_last: bool | None = setting(None, "NHWC memory layout (default: on for CUDA).")
     compile: bool = setting(False, "torch.compile the model.")
     sync_bn: bool = setting(False, "Under DDP, BatchNorm statistics over the global batch (default: per process, as large-scale trainers run).")

@@ -35,6 +35,23 @@ class World:
         return self.world_size > 1
 
 
+BACKEND_ENV = "FACECLI_DIST_BACKEND"
+
+
+def backend_for(device_type: str) -> str:
+    """NCCL on CUDA, gloo on the CPU; ``FACECLI_DIST_BACKEND`` overrides it.
+
+    gloo on CUDA tensors lets several ranks share one GPU (NCCL refuses two ranks on one
+    device): how the GPU check tests multi-process code on a one-GPU machine.
+    """
+    return os.environ.get(BACKEND_ENV) or ("nccl" if device_type == "cuda" else "gloo")
+
+
+def local_device_index(local_rank: int) -> int:
+    """The GPU of a local rank: ranks beyond the GPU count wrap around (several ranks per GPU)."""
+    return local_rank % max(1, torch.cuda.device_count())
+
+
 def init(device: torch.device | str) -> World:
     """Join the process group described by torchrun's environment (or stay single)."""
     device = torch.device(device) if not isinstance(device, torch.device) else device
@@ -45,12 +62,12 @@ def init(device: torch.device | str) -> World:
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     if not dist.is_initialized():
-        kwargs: dict = {"timeout": timedelta(minutes=30)}
+        kwargs: dict = {"timeout": timedelta(minutes=30), "backend": backend_for(device.type)}
         if device.type == "cuda":
-            torch.cuda.set_device(local_rank)
-            kwargs.update(backend="nccl", device_id=torch.device("cuda", local_rank))
-        else:
-            kwargs.update(backend="gloo")
+            index = local_device_index(local_rank)
+            torch.cuda.set_device(index)
+            if kwargs["backend"] == "nccl":
+                kwargs["device_id"] = torch.device("cuda", index)
         dist.init_process_group(**kwargs)
     host = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
     return World(rank=rank, world_size=world_size, local_rank=local_rank, local_world_size=local_world, host_group=host)

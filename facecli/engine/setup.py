@@ -23,6 +23,7 @@ from facecli.data.samplers import PKBatchSampler, ShuffledBatchSampler
 from facecli.engine import distributed as dist_utils
 from facecli.engine.config import TrainConfig
 from facecli.engine.optim import Schedule, build_optimizer
+from facecli.errors import UserError
 from facecli.losses import LOSSES, CurricularFace, Loss, build_loss
 
 IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -60,6 +61,8 @@ class RunParts:
 
 
 def build_parts(cfg: TrainConfig, world, device: torch.device, amp: torch.dtype | None, resume_ckpt: dict | None, warn: Callable) -> RunParts:
+    if cfg.decode == "gpu" and device.type != "cuda":
+        raise UserError(f"--decode gpu needs a CUDA device; this run is on {device}.", hint="Use --decode cpu (the default).")
     torch.manual_seed(cfg.seed)
     preprocess = _preprocess(cfg, resume_ckpt)
     dataset = _dataset(cfg, preprocess, resume_ckpt, world, warn)
@@ -96,7 +99,7 @@ def _preprocess(cfg: TrainConfig, resume_ckpt: dict | None) -> Preprocess:
 def _dataset(cfg: TrainConfig, preprocess: Preprocess, resume_ckpt: dict | None, world, warn: Callable):
     classes = resume_ckpt["classes"] if resume_ckpt else None
     identities = read_identity_list(cfg.identities_file) if cfg.identities_file and classes is None else None
-    dataset = build_train_dataset(Path(cfg.train_dir), preprocess, classes=classes, identities=identities)
+    dataset = build_train_dataset(Path(cfg.train_dir), preprocess, classes=classes, identities=identities, decode=cfg.decode)
     empty = list(getattr(dataset, "empty_files", []))
     if empty and world.is_main:
         warn(f"Skipped {len(empty)} empty image file(s), e.g. {', '.join(empty[:3])}. Delete or replace them.")

@@ -1,5 +1,8 @@
 """Run tracking: ``metrics.jsonl`` in the run directory, and Weights & Biases.
 
+``wandb`` is optional: it is imported only on the W&B worker thread, when tracking is on, so
+facecli imports and trains without it (a run that asks for W&B without it gets one notice).
+
 Every W&B call runs on a background thread fed by a bounded queue. The training loop only
 enqueues (and drops when the queue is full), so an unreachable, slow, rate-limiting or
 misconfigured W&B can neither stop nor slow training: the worst case is a warning and a
@@ -276,12 +279,24 @@ def wandb_mode(flag: bool | None, settings_mode: str | None, has_key: bool) -> t
     return "disabled", "W&B is off: no WANDB_API_KEY set (metrics still go to metrics.jsonl)."
 
 
+def wandb_installed() -> bool:
+    """Whether the optional ``wandb`` package can be imported (looked up, not imported: it is slow)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("wandb") is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def tracker_factory(settings, wandb_flag: bool | None, log: Callable[[str], None] = print, warn: Callable[[str], None] = print):
     """What the trainer calls on rank 0 to get its tracker: metrics.jsonl, plus W&B per settings."""
 
     def factory(cfg, run_dir: Path, run_name: str, world) -> Tracker:
         key = settings.wandb_api_key.get_secret_value() if settings.wandb_api_key else None
         mode, notice = wandb_mode(wandb_flag, settings.wandb_mode, key is not None)
+        if mode != "disabled" and not wandb_installed():
+            mode, notice = "disabled", "W&B is off: the wandb package is not installed (pip install wandb); metrics still go to metrics.jsonl."
         if notice:
             log(notice)
         wb = None

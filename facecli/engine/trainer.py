@@ -35,7 +35,9 @@ from typing import Callable
 
 import torch
 
+from facecli.data.device_decode import to_device_batch
 from facecli.data.folders import collate_samples
+from facecli.data.workers import resolve_workers
 from facecli.engine import distributed as dist_utils
 from facecli.engine.checkpoint import load_checkpoint, new_checkpoint
 from facecli.engine.checkpointing import CheckpointManager, capture_rng, restore_rng
@@ -63,14 +65,6 @@ class TrainResult:
     evaluation: dict = field(default_factory=dict)
 
 
-def resolve_workers(spec: int | str, world) -> int:
-    """``auto``: the CPU cores this process may use, shared by the local processes (at most 16)."""
-    if spec != "auto":
-        return int(spec)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, min(16, cores // max(1, world.local_world_size) - 1))
-
-
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process handles Ctrl-C
@@ -92,7 +86,7 @@ class Trainer:
     ):
         self.cfg, self.log, self.warn, self.progress_factory = cfg, log, warn, progress_factory
         self.device, self.world = self._device_and_world(cfg.device)
-        self.amp_dtype = amp_dtype(self.device, cfg.amp)
+        self.amp_dtype = amp_dtype(self.device, cfg.amp, cfg.amp_dtype)
         # ``resume_checkpoint``: the dict of ``resume_from`` when the caller has read it already.
         self.resume_ckpt = resume_checkpoint
         if resume_from and self.resume_ckpt is None:
@@ -141,7 +135,7 @@ class Trainer:
         device = resolve_device(name)
         world = dist_utils.init(device)
         if world.distributed and device.type == "cuda":
-            device = resolve_device(f"cuda:{world.local_rank}")
+            device = resolve_device(f"cuda:{dist_utils.local_device_index(world.local_rank)}")
         configure_backends(device)
         return device, world
 
@@ -170,7 +164,7 @@ class Trainer:
         return Tracker(MetricsFile(self.run_dir / "metrics.jsonl"))
 
     def _workers(self) -> int:
-        return resolve_workers(self.cfg.workers, self.world)
+        return resolve_workers(self.cfg.workers, self.world.local_world_size)
 
     # ------------------------------------------------------------------ state
     def _restore(self, ckpt: dict) -> None:
@@ -340,6 +334,8 @@ class Trainer:
             self.parts.sampler.set_epoch(self.state.epoch, self.state.batch_in_epoch)
             self._emit("epoch_start")
             for images, labels, bad in loader:
+                if self.cfg.decode == "gpu":
+                    images, labels, bad = to_device_batch(images, labels, bad, self.preprocess, self.device)
                 self._note_bad_images(bad)
                 sizes, stop = dist_utils.agree(self.world, images.shape[0], self._stop_signal is not None)
                 if stop:
