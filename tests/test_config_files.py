@@ -192,3 +192,17 @@ def test_plugin_module_from_the_environment(synth_root, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert yaml.safe_load(proc.stdout)["tilt"] == 0.5
+
+
+@pytest.mark.parametrize("model", ["arcface", "cosface", "sphereface", "curricularface", "facenet"])
+def test_the_example_files_are_what_print_config_prints(model, synth_root):
+    """configs/examples/MODEL.yaml (the README's examples) never drift from the settings."""
+    path = REPO / "configs" / "examples" / f"{model}.yaml"
+    example = yaml.safe_load(path.read_text())
+    result = cli("train", model, "--print-config", "--dataset-path", synth_root)
+    assert result.exit_code == 0, result.output
+    printed = yaml.safe_load(result.output)
+    paths = {"train_dir", "lfw_dir", "checkpoints_dir"}
+    assert {k: v for k, v in example.items() if k not in paths} == {k: v for k, v in printed.items() if k not in paths}
+    again = cli("train", "--config", path, "--print-config", "--dataset-path", synth_root)
+    assert again.exit_code == 0 and yaml.safe_load(again.output) == printed, again.output
