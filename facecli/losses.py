@@ -122,36 +122,6 @@ def _fmt(x: float) -> str:
     return "pi" if x == math.pi else f"{x:g}"
 
 
-def register_loss(name: str) -> Callable[[type["Loss"]], type["Loss"]]:
-    """Class decorator: make a :class:`Loss` subclass a ``facecli train`` model named ``name``."""
-
-    def decorate(cls: type[Loss]) -> type[Loss]:
-        if not (isinstance(cls, type) and issubclass(cls, Loss)):
-            raise TypeError(f"@register_loss({name!r}) must decorate a Loss subclass, got {cls!r}")
-        if name in LOSSES and LOSSES[name] is not cls:
-            raise ValueError(f"a loss named {name!r} is already registered ({LOSSES[name].__name__})")
-        cls.name = name
-        LOSSES[name] = cls
-        return cls
-
-    return decorate
-
-
-def register_head(name: str) -> Callable[[type["MarginHead"]], type["MarginHead"]]:
-    """Class decorator: make a ``MarginHead`` subclass available to ``build_head`` as ``name``."""
-
-    def decorate(cls: type[MarginHead]) -> type[MarginHead]:
-        if not (isinstance(cls, type) and issubclass(cls, MarginHead)):
-            raise TypeError(f"@register_head({name!r}) must decorate a MarginHead subclass, got {cls!r}")
-        if name in HEADS and HEADS[name] is not cls:
-            raise ValueError(f"a margin head named {name!r} is already registered ({HEADS[name].__name__})")
-        register_loss(name)(cls)
-        HEADS[name] = cls
-        return cls
-
-    return decorate
-
-
 def _no_autocast(device: torch.device):
     """Context that disables autocast for ``device`` (a no-op where autocast does not exist)."""
     if torch.amp.is_autocast_available(device.type):
@@ -382,6 +352,32 @@ class MarginHead(Loss):
     def extra_repr(self) -> str:
         extras = ", ".join(f"{k}={v:g}" for k, v in self.hparams().items())
         return f"embedding_dim={self.embedding_dim}, num_classes={self.num_classes}, {extras}"
+
+
+def _registrar(registry: dict, base: type, what: str, also: Callable | None = None) -> Callable:
+    """A class decorator factory: ``@register(name)`` checks the class and enters it in ``registry``."""
+
+    def register(name: str) -> Callable[[type], type]:
+        def decorate(cls: type) -> type:
+            if not (isinstance(cls, type) and issubclass(cls, base)):
+                raise TypeError(f"@{what}({name!r}) must decorate a {base.__name__} subclass, got {cls!r}")
+            if name in registry and registry[name] is not cls:
+                raise ValueError(f"a {'margin head' if base is MarginHead else 'loss'} named {name!r} is already registered ({registry[name].__name__})")
+            if also is not None:
+                also(name)(cls)
+            cls.name = name
+            registry[name] = cls
+            return cls
+
+        return decorate
+
+    return register
+
+
+register_loss = _registrar(LOSSES, Loss, "register_loss")
+register_loss.__doc__ = "Class decorator: make a :class:`Loss` subclass a ``facecli train`` model named ``name``."
+register_head = _registrar(HEADS, MarginHead, "register_head", also=register_loss)
+register_head.__doc__ = "Class decorator: make a ``MarginHead`` subclass available to ``build_head`` (and ``train``) as ``name``."
 
 
 def _sin_from_cos(cos: Tensor) -> Tensor:
