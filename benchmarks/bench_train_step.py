@@ -63,7 +63,7 @@ class Step:
             # a first version normalises float images outside the step (ToTensor + Normalize in the loader)
             self.float_images = ((self.images.float() / 255.0) - 0.5) / 0.5
         else:
-            self.model = FaceModelForTraining(net, build_head(head, 512, classes), 0.2).to(device)
+            self.model = FaceModelForTraining(net, build_head(head, 512, classes)).to(device)
             if channels_last:
                 self.model = self.model.to(memory_format=torch.channels_last)
             self.optimizer = build_optimizer("sgd", self.model.parameters(), 0.1, 5e-4, 0.9)
