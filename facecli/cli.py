@@ -29,7 +29,7 @@ app = typer.Typer(
     help="Train and evaluate margin-loss face-recognition models (SphereFace, CosFace, ArcFace, CurricularFace, FaceNet).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    add_completion=True,  # --install-completion: model, backbone and option choices come from the registries
     rich_markup_mode=None,
 )
 

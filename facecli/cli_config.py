@@ -82,7 +82,7 @@ def _field_option(name: str, field, default: Any) -> inspect.Parameter:
     extra = field.json_schema_extra or {}
     flag = flag_name(name)
     kinds = _unwrap_optional(field.annotation)
-    help_text = f"{field.description} [default: {_show(default)}]"
+    help_text = field.description if default is None else f"{field.description} [default: {_show(default)}]"
     if kinds == (bool,):
         opt = typer.Option(None, f"{flag}/--no-{flag[2:]}", help=help_text, show_default=False)
         return _param(name, Optional[bool], opt)
@@ -110,8 +110,6 @@ def _param(name: str, annotation, default) -> inspect.Parameter:
 
 
 def _show(value: Any) -> str:
-    if value is None:
-        return "see help"
     if isinstance(value, bool):
         return "on" if value else "off"
     return str(value)

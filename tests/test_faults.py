@@ -398,3 +398,26 @@ def test_resume_removes_temporary_files_of_a_killed_save(synth_root, tmp_path):
     assert r.exit_code == 0, r.output
     assert not stale.exists()
     assert torch.load(run / "latest.pt", weights_only=True)["epoch"] == 2
+
+
+def test_out_of_memory_is_one_line_and_keeps_the_last_checkpoint(tmp_path, synth_root, monkeypatch):
+    """A CUDA out-of-memory error in a step (injected here on the CPU) is one line with the step,
+    the batch size, the memory and what to lower; exit 5; the checkpoint of epoch 1 stays."""
+    from facecli.engine.loop import StepRunner
+
+    real = StepRunner.__call__
+
+    def step(self, images, labels, step, sizes):
+        if step == 5:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, images, labels, step, sizes)
+
+    monkeypatch.setattr(StepRunner, "__call__", step)
+    result = cli(*_train_args(tmp_path, synth_root))
+    out = " ".join(result.output.split())
+    assert result.exit_code == 5, result.output
+    assert "Traceback" not in result.output
+    assert "Out of memory at step 6 with --batch-size 16 per process" in out and "Lower --batch-size (e.g. 8)" in out
+    assert "The last checkpoint in" in out and "is kept" in out
+    ck = load_checkpoint(tmp_path / "ck" / "arcface" / "r" / "latest.pt")
+    assert (ck["epoch"], ck["step"]) == (1, 4)
