@@ -78,8 +78,9 @@ def measure(net, dataset, indices: np.ndarray, preprocess, device: torch.device,
     images, labels = [], []
     for i in indices:
         img, label, bad = dataset[int(i)]
+        img = _decoded(img, preprocess)
         if img is not None:
-            images.append(img if torch.is_tensor(img) else torch.as_tensor(img))
+            images.append(img)
             labels.append(int(label))
     if len(images) < 4:
         return None
@@ -90,6 +91,19 @@ def measure(net, dataset, indices: np.ndarray, preprocess, device: torch.device,
     finally:
         net.train(was_training)
     return spread_of(F.normalize(torch.cat(out), dim=1).cpu(), torch.tensor(labels))
+
+
+def _decoded(img, preprocess):
+    """A sample's uint8 image; with ``--decode gpu`` samples carry encoded bytes, decoded here on the CPU."""
+    if img is None or torch.is_tensor(img):
+        return img
+    from facecli.data.images import decode_image
+    from facecli.errors import ImageError
+
+    try:
+        return decode_image(img.data, preprocess.image_size, preprocess.crop_fraction, where=img.where)
+    except ImageError:
+        return None
 
 
 def spread_of(unit: torch.Tensor, labels: torch.Tensor) -> Spread:
