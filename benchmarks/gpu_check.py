@@ -690,7 +690,7 @@ def resume_item(check: Check) -> dict:
     more = trainer_for(cfg, resume_from=path, resume_checkpoint=ckpt)
     more.run()
     row = {"steps_straight": straight.step, "stopped_at": half, "resumed_at": resumed_from, "steps_resumed": resumed.step,
-           "max_abs_weight_diff": diff, "exact": diff == 0.0, "continued_to_epoch": more.epoch, "steps_continued": more.step}
+           "max_abs_weight_diff": diff, "exact": diff == 0.0, "continued_to_epoch": more.state.epoch, "steps_continued": more.step}
     if resumed_from != half or resumed.step != straight.step or more.step != straight.step + straight.steps_per_epoch:
         raise RuntimeError(f"positions do not add up: {row}")
     return row

@@ -58,15 +58,17 @@ def test_anything_else_is_refused(bad):
         W.resolve_workers(bad)
 
 
-def test_evaluation_uses_the_same_rule(cpus, monkeypatch, synth_lfw_dir):
+def test_evaluation_uses_the_same_rule(cpus, synth_train_dir, tmp_path):
     """Training-time evaluation sizes its DataLoader as training does, not min(workers, 4)."""
-    from types import SimpleNamespace
-
-    from facecli.evaluation import runner
+    from facecli.engine.config import TrainConfig
+    from facecli.engine.trainer import Trainer
 
     cpus(16)
     seen = []
-    monkeypatch.setattr(runner, "tune_threshold", lambda *a, **k: seen.append(a[7]) or SimpleNamespace(test_accuracy=0.5))
     for workers in ("auto", 12):
-        runner.view1_dev_accuracy(None, None, synth_lfw_dir, "cpu", SimpleNamespace(workers=workers, flip=True, eval_batch_size=None))
+        cfg = TrainConfig(
+            model="arcface", train_dir=str(synth_train_dir), backbone="resnet18", image_size=32, batch_size=16, epochs=1,
+            workers=workers, device="cpu", checkpoints_dir=str(tmp_path), run_name=f"w{workers}", eval=False, wandb=False,
+        )
+        seen.append(Trainer(cfg, log=lambda _: None, warn=lambda _: None).embedder().workers)
     assert seen == [15, 12]
