@@ -78,7 +78,7 @@ def guarded(fn: Callable) -> Callable:
     return wrapper
 
 
-def guarded_derived(body: Callable, parameters: Callable) -> "DerivedCommand":
+def guarded_derived(body: Callable, parameters: Callable):
     """A command whose flags derive from the settings (see :mod:`facecli.cli_config`), with ``guarded``'s errors."""
     from facecli.cli_config import DerivedCommand
 
@@ -366,7 +366,6 @@ def eval_sets(
     amp: bool = typer.Option(True, "--amp/--no-amp", help="Mixed precision on CUDA (as in training)."),
 ):
     """Evaluate several verification sets (.bin files, LFW folders) and report them in one table."""
-    from facecli.data.lfw import find_image_root, read_pairs
     from facecli.evaluation.reports import summary_table
     from facecli.evaluation.runner import evaluate_bin, evaluate_lfw_view2, write_json
 

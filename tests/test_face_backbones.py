@@ -10,7 +10,6 @@ at 112 px costs nothing; everything that runs does so at 32 px.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pytest

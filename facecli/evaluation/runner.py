@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
 from torch.utils.data import Dataset
 
 from facecli.data.images import Preprocess, decode_image
