@@ -75,3 +75,15 @@ def test_a_collapsing_run_warns_and_a_healthy_one_does_not(synth_root, synth_lfw
     assert "embedding mean cosine" in out
     result = cli("eval-lfw", run / "latest.pt", "--lfw-dir", synth_lfw_dir, "--device", "cpu", "--workers", "0")
     assert result.exit_code == 0 and "bunched" not in result.output, result.output
+
+
+def test_a_narrow_cone_that_still_separates_identities_is_not_called_collapsed():
+    """Early in a healthy run (the demo's first epoch: mean cosine 0.73, gap 0.21) the embedding is
+    narrow but already verifies: no warning."""
+    g = torch.Generator().manual_seed(1)
+    labels = torch.arange(40).repeat_interleave(2)
+    centres = F.normalize(torch.randn(40, 64, generator=g), dim=1)
+    narrow = F.normalize(torch.ones(64) / 8 + 0.5 * centres[labels] + 0.02 * torch.randn(80, 64, generator=g), dim=1)
+    s = spread_of(narrow, labels)
+    assert s.mean_cosine > 0.75 and s.identity_gap > 0.15, s
+    assert verdict(s) is None

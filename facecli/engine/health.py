@@ -32,6 +32,9 @@ SAMPLE_OTHERS = 128  # plus this many random images
 MIN_STEPS_FOR_VERDICT = 50
 COLLAPSED_COSINE = 0.75
 COLLAPSED_NORM = 0.85
+# A cone that still separates identities (same-identity pairs 0.15+ closer than others) still
+# verifies: early in a healthy run the embedding is often narrow and already useful.
+CONE_STILL_SEPARATES = 0.15
 NO_SEPARATION_GAP = 0.05
 
 
@@ -123,7 +126,8 @@ def verdict(spread: Spread) -> str | None:
         "Try a lower --lr, a longer --warmup-epochs or --margin-warmup-epochs, or a smaller --scale/--margin "
         "(small data sets often need s=30, m=0.3)."
     )
-    if spread.mean_cosine > COLLAPSED_COSINE or spread.mean_norm > COLLAPSED_NORM:
+    separates = spread.identity_gap is not None and spread.identity_gap >= CONE_STILL_SEPARATES
+    if (spread.mean_cosine > COLLAPSED_COSINE or spread.mean_norm > COLLAPSED_NORM) and not separates:
         return f"The embeddings have collapsed into a narrow cone ({spread.summary()}); verification will be near chance. {advice}"
     if spread.identity_gap is not None and spread.identity_gap < NO_SEPARATION_GAP:
         return f"The embeddings do not separate identities ({spread.summary()}). {advice}"
