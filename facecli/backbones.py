@@ -186,9 +186,11 @@ class FaceBackbone(Backbone):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def _trunk(self) -> nn.Module:
+        """Abstract: each registered face backbone builds its body (stem and stages)."""
         raise NotImplementedError
 
     def _output(self, embedding_dim: int, dropout: float, side: int) -> nn.Module:
+        """Abstract: each builds its embedding layer on the ``side`` x ``side`` final map ("E" or GDC)."""
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -214,6 +214,7 @@ class Loss(nn.Module):
         return {n: h.default if given.get(n) is None else h.check(given[n], label) for n, h in specs.items()}
 
     def loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        """Abstract: the scalar training loss of a batch (every registered loss provides it)."""
         raise NotImplementedError
 
     def hparams(self) -> dict:
