@@ -17,6 +17,9 @@
   (chosen on the impostors themselves: an optimistic, oracle threshold). Run on the images
   as they are (the model's own centre crop) and with ``--detect`` (HOG, largest face,
   ArcFace alignment).
+* **View 1 framing** (with ``--lfw-checkpoint``): the checkpoint's View 1 dev-test accuracy
+  on the images as they are (its centre crop) and on HOG-detected, ArcFace-aligned faces,
+  each with its threshold chosen on ``pairsDevTrain.txt``.
 * **Export parity**: max |difference| of L2-normalised embeddings, PyTorch vs onnxruntime,
   on 32 real face images and their mirror images.
 """
@@ -215,6 +218,65 @@ def runner_classes(checkpoint: Path) -> list[str]:
     return list(load_checkpoint(checkpoint).get("classes", []))
 
 
+# ----------------------------------------------------------------- View 1 framing
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def view1_framing(checkpoint: Path, lfw: Path) -> list[dict]:
+    """View 1 dev-test accuracy of one checkpoint: the model's centre crop vs detection + alignment.
+
+    Each mode chooses its own threshold on ``pairsDevTrain.txt`` and is scored on
+    ``pairsDevTest.txt``. With ``--detect`` the largest face of each image is aligned; an
+    image where HOG finds no face keeps its centre-crop embedding (counted).
+    """
+    from facecli.data.lfw import find_image_root, read_pairs
+    from facecli.detect import make_detector
+    from facecli.evaluation.protocol import best_threshold
+    from facecli.models import open_model
+
+    root = find_image_root(lfw)
+    train, test = (read_pairs(lfw / f"pairsDev{s}.txt", root) for s in ("Train", "Test"))
+    paths = sorted(set(train.unique_images) | set(test.unique_images))
+    runner = open_model(checkpoint)
+    centre = _unit(embed_each(runner, paths, None))
+    rows = []
+    for mode, detector in (("as given (model's crop)", None), ("--detect hog, aligned", make_detector("hog"))):
+        start = time.perf_counter()
+        vectors, fallbacks = centre, 0
+        if detector is not None:
+            found = _embed(runner, paths, detector)
+            fallbacks = sum(p not in found for p in paths)
+            vectors = np.stack([_unit(found[p][None])[0] if p in found else centre[k] for k, p in enumerate(paths)])
+        thr, train_acc = best_threshold(_pair_scores(vectors, paths, train), train.issame)
+        test_acc = float(np.mean((_pair_scores(vectors, paths, test) >= thr) == np.asarray(test.issame)))
+        rows.append({"checkpoint": str(checkpoint), "mode": mode, "threshold": float(thr), "dev_train": float(train_acc),
+                     "dev_test": test_acc, "images": len(paths), "no_face_centre_crop_used": fallbacks,
+                     "seconds": time.perf_counter() - start})
+        print(f"  View 1, {mode}: threshold {thr:.4f}, dev-test {100 * test_acc:.2f}% ({fallbacks} images without a face)", flush=True)
+    return rows
+
+
+def _pair_scores(vectors: np.ndarray, paths: list[Path], pair_set) -> np.ndarray:
+    where = {p: k for k, p in enumerate(paths)}
+    return np.array([vectors[where[a]] @ vectors[where[b]] for a, b in pair_set.pairs])
+
+
+def embed_each(runner, paths: list[Path], detector) -> np.ndarray:
+    found = _embed(runner, paths, detector)
+    return np.stack([found[p] for p in paths])
+
+
+def view1_table(rows: list[dict]) -> str:
+    lines = ["| checkpoint | faces | threshold (dev-train accuracy) | dev-test | images without a face |", "| --- | --- | ---: | ---: | ---: |"]
+    for r in rows:
+        lines.append(f"| {Path(r['checkpoint']).parent.name} | {r['mode']} | {r['threshold']:.4f} ({100 * r['dev_train']:.2f}%) | "
+                     f"{100 * r['dev_test']:.2f}% | {r['no_face_centre_crop_used']} of {r['images']} |")
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------- export
 
 
@@ -270,6 +332,8 @@ def report(out: dict) -> str:
         parts.append(detection_table(out["detection"]))
     if out.get("identification"):
         parts.append(identification_table(out["identification"]))
+    if out.get("view1"):
+        parts.append(view1_table(out["view1"]))
     for key in ("export", "lfw_export"):
         if out.get(key):
             e = out[key]
@@ -298,7 +362,7 @@ def main() -> None:
             data = json.loads(path.read_text())
             merged["detection"] += data.get("detection", [])
             merged["identification"] += data.get("identification", [])
-            merged.update({k: data[k] for k in ("export", "lfw_export") if k in data})
+            merged.update({k: data[k] for k in ("export", "lfw_export", "view1") if k in data})
         print(report(merged))
         return
     threads = set_threads(args.threads)
@@ -317,6 +381,8 @@ def main() -> None:
     if args.lfw_checkpoint:
         print("LFW identification (people with >= 4 images):", flush=True)
         out["identification"] += identification(args.lfw_checkpoint, lfw_people(lfw, 4), 5, args.threshold, "LFW")
+        print("LFW View 1, centre crop vs detection + alignment:", flush=True)
+        out["view1"] = view1_framing(args.lfw_checkpoint, lfw)
         out["lfw_export"] = export_parity(args.lfw_checkpoint, lfw_subset(lfw, 32, seed=1))
         print(f"  export parity: {out['lfw_export']}", flush=True)
     args.json.parent.mkdir(parents=True, exist_ok=True)
