@@ -757,6 +757,172 @@ def _write(path: Path, data: bytes) -> None:
         raise UserError(f"{path}: cannot write ({e.strerror or e}).", hint="Check free disk space and permissions.") from e
 
 
+def _checked_args(identities, test_identities, images_per_identity, image_size, seed, pairs_per_fold):
+    """The integer arguments, validated before anything touches the disk: (identities, test, k, size, seed)."""
+    identities = _at_least(identities, 2, "--identities", "a classifier needs two classes")
+    if identities > MAX_IDENTITIES:
+        raise UserError(f"--identities must be at most {MAX_IDENTITIES} (7-digit folder names); got {identities}.")
+    test_identities = _at_least(
+        test_identities, MIN_TEST_IDENTITIES, "--test-identities",
+        f"LFW's View 2 splits the test people into {FOLDS} disjoint folds of at least two people, "
+        f"and View 1 into disjoint DevTrain and DevTest people",
+    )
+    k = _at_least(images_per_identity, 2, "--images-per-identity", "matched pairs need two images of a person")
+    image_size = _at_least(image_size, 16, "--image-size", "smaller faces lose their features")
+    seed = _at_least(seed, 0, "--seed", "seeds are non-negative integers")
+    if pairs_per_fold is not None:
+        _at_least(pairs_per_fold, 1, "--pairs-per-fold", "each fold needs pairs")
+    return identities, test_identities, k, image_size, seed
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Everything a synthetic set is, decided (and validated) before its first byte is written."""
+
+    out: Path
+    identities: int
+    test_identities: int
+    k: int  # images per identity
+    image_size: int
+    seed: int
+    ids: list  # CASIA folder names of the training people
+    names: list  # LFW names of the test people
+    texts: dict  # {protocol file name: text}
+    counts: tuple  # (pairs per fold, DevTrain pairs, DevTest pairs)
+
+    @property
+    def train_dir(self) -> Path:
+        return self.out / CASIA_DIR
+
+    @property
+    def lfw_dir(self) -> Path:
+        return self.out / LFW_DIR
+
+    @property
+    def img_dir(self) -> Path:
+        return self.lfw_dir / LFW_IMAGES
+
+    def casia_file(self, _folder: str, n: int) -> str:
+        """001.jpg for image 0: 1-based, at least 3 digits, as in CASIA-WebFace."""
+        return f"{n + 1:0{max(3, len(str(self.k)))}d}.jpg"
+
+    def lfw_file(self, folder: str, n: int) -> str:
+        """Name_0001.jpg for image 0: 1-based, at least 4 digits, as in LFW."""
+        return f"{folder}_{n + 1:0{max(4, len(str(self.k)))}d}.jpg"
+
+    def marker_bytes(self) -> bytes:
+        """The JSON that says what wrote the set and how; written first as partial, last as complete."""
+        n_fold, n_dev_train, n_dev_test = self.counts
+        marker = {
+            "generator": "facecli synth",
+            "format": 1,
+            "seed": self.seed,
+            "identities": self.identities,
+            "test_identities": self.test_identities,
+            "images_per_identity": self.k,
+            "image_size": self.image_size,
+            "pairs_per_fold": n_fold,
+            "dev_train_pairs": n_dev_train,
+            "dev_test_pairs": n_dev_test,
+            "train_dir": CASIA_DIR,
+            "lfw_dir": LFW_DIR,
+        }
+        return (json.dumps(marker, indent=2, sort_keys=True) + "\n").encode("ascii")
+
+
+def _plan(out_dir, identities, test_identities, images_per_identity, image_size, seed, pairs_per_fold) -> _Plan:
+    """Validate every argument and draw names and protocol first, so a bad request writes nothing."""
+    identities, test_identities, k, image_size, seed = _checked_args(
+        identities, test_identities, images_per_identity, image_size, seed, pairs_per_fold
+    )
+    out = Path(out_dir).expanduser()
+    _check_out_dir(out)
+    names = lfw_names(test_identities, seed)
+    texts, counts = _protocol(names, k, seed, pairs_per_fold)  # validates --pairs-per-fold
+    return _Plan(
+        out=out, identities=identities, test_identities=test_identities, k=k, image_size=image_size,
+        seed=seed, ids=casia_ids(identities, seed), names=names, texts=texts, counts=counts,
+    )
+
+
+def _prepare_out_dir(plan: _Plan, marker_bytes: bytes) -> int:
+    """Claim OUT_DIR as an incomplete set and prune an earlier set's extra files; returns how many went."""
+    out = plan.out
+    casia_files = {i: {plan.casia_file(i, n) for n in range(plan.k)} for i in plan.ids}
+    lfw_files = {nm: {plan.lfw_file(nm, n) for n in range(plan.k)} for nm in plan.names}
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        _write(out / PARTIAL_MARKER, marker_bytes)
+        (out / MARKER).unlink(missing_ok=True)  # until the new set is complete, no marker claims it is
+        removed = _prune(plan.train_dir, casia_files, _ID_DIR_RE, lambda _: _ID_FILE_RE)
+        removed += _prune(plan.img_dir, lfw_files, _NAME_RE, lambda nm: re.compile(rf"^{re.escape(nm)}_\d{{4,}}\.jpg$"))
+        plan.img_dir.mkdir(parents=True, exist_ok=True)
+        plan.train_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{out}: cannot prepare the output folder ({e.strerror or e}).",
+                        hint="Check the path and its permissions.") from e
+    return removed
+
+
+def _write_people(
+    plan: _Plan,
+    split: int,
+    folders: list[str],
+    root: Path,
+    file_name: Callable[[str, int], str],
+    progress: Progress | None,
+) -> None:
+    """Render and write every image of every person of one split, one folder per person."""
+    for person, folder in enumerate(folders):
+        ident = identity_params(plan.seed, split, person)
+        static = _static_shapes(ident)
+        d = root / folder
+        try:
+            d.mkdir(exist_ok=True)
+        except OSError as e:
+            raise UserError(f"{d}: cannot create ({e.strerror or e}).",
+                            hint="Check free disk space and permissions.") from e
+        for n in range(plan.k):
+            data = face_image_bytes(ident, static, plan.seed, split, person, n, plan.image_size)
+            _write(d / file_name(folder, n), data)
+            if progress is not None:
+                progress(1)
+
+
+def _write_protocol(lfw_dir: Path, texts: dict) -> list[Path]:
+    """Write the pairs/people/names files beside lfw_funneled/, in name order; returns their paths."""
+    written = []
+    for fname in sorted(texts):
+        _write(lfw_dir / fname, texts[fname].encode("ascii"))
+        written.append(lfw_dir / fname)
+    return written
+
+
+def _mark_complete(out: Path, marker_bytes: bytes) -> None:
+    """Swap the partial marker for the final one: only now does the set claim to be whole."""
+    _write(out / MARKER, marker_bytes)
+    try:
+        (out / PARTIAL_MARKER).unlink(missing_ok=True)
+    except OSError as e:
+        raise UserError(f"{out / PARTIAL_MARKER}: cannot remove ({e.strerror or e}).",
+                        hint="Check the folder's permissions.") from e
+
+
+def _summary(plan: _Plan, written: list[Path], removed: int) -> SynthSummary:
+    """What was written, in the paths and counts the CLI reports and callers read back."""
+    n_fold, n_dev_train, n_dev_test = plan.counts
+    lfw_dir = plan.lfw_dir
+    return SynthSummary(
+        out_dir=plan.out, train_dir=plan.train_dir, lfw_dir=lfw_dir, lfw_images_dir=plan.img_dir,
+        pairs_file=lfw_dir / "pairs.txt", dev_train_pairs_file=lfw_dir / "pairsDevTrain.txt",
+        dev_test_pairs_file=lfw_dir / "pairsDevTest.txt", protocol_files=tuple(written),
+        marker_file=plan.out / MARKER, train_identities=plan.identities, train_images=plan.identities * plan.k,
+        test_identities=plan.test_identities, test_images=plan.test_identities * plan.k, pairs_per_fold=n_fold,
+        dev_train_pairs=n_dev_train, dev_test_pairs=n_dev_test, image_size=plan.image_size, seed=plan.seed,
+        removed_stale=removed,
+    )
+
+
 def generate_synthetic_set(
     out_dir,
     identities: int = 200,
@@ -777,98 +943,11 @@ def generate_synthetic_set(
     rewrites it (byte-identical for the same arguments) and deletes files of the
     earlier set that the new one lacks.
     """
-    identities = _at_least(identities, 2, "--identities", "a classifier needs two classes")
-    if identities > MAX_IDENTITIES:
-        raise UserError(f"--identities must be at most {MAX_IDENTITIES} (7-digit folder names); got {identities}.")
-    test_identities = _at_least(
-        test_identities, MIN_TEST_IDENTITIES, "--test-identities",
-        f"LFW's View 2 splits the test people into {FOLDS} disjoint folds of at least two people, "
-        f"and View 1 into disjoint DevTrain and DevTest people",
-    )
-    k = _at_least(images_per_identity, 2, "--images-per-identity", "matched pairs need two images of a person")
-    image_size = _at_least(image_size, 16, "--image-size", "smaller faces lose their features")
-    seed = _at_least(seed, 0, "--seed", "seeds are non-negative integers")
-    if pairs_per_fold is not None:
-        _at_least(pairs_per_fold, 1, "--pairs-per-fold", "each fold needs pairs")
-
-    out = Path(out_dir).expanduser()
-    _check_out_dir(out)
-    names = lfw_names(test_identities, seed)
-    texts, (n_fold, n_dev_train, n_dev_test) = _protocol(names, k, seed, pairs_per_fold)  # validates first
-
-    train_dir, lfw_dir = out / CASIA_DIR, out / LFW_DIR
-    img_dir = lfw_dir / LFW_IMAGES
-    ids = casia_ids(identities, seed)
-    casia_w, lfw_w = max(3, len(str(k))), max(4, len(str(k)))  # 001.jpg, Name_0001.jpg (1-based)
-
-    def casia_file(_folder: str, n: int) -> str:
-        return f"{n + 1:0{casia_w}d}.jpg"
-
-    def lfw_file(folder: str, n: int) -> str:
-        return f"{folder}_{n + 1:0{lfw_w}d}.jpg"
-
-    casia_files = {i: {casia_file(i, n) for n in range(k)} for i in ids}
-    lfw_files = {nm: {lfw_file(nm, n) for n in range(k)} for nm in names}
-
-    marker = {
-        "generator": "facecli synth",
-        "format": 1,
-        "seed": seed,
-        "identities": identities,
-        "test_identities": test_identities,
-        "images_per_identity": k,
-        "image_size": image_size,
-        "pairs_per_fold": n_fold,
-        "dev_train_pairs": n_dev_train,
-        "dev_test_pairs": n_dev_test,
-        "train_dir": CASIA_DIR,
-        "lfw_dir": LFW_DIR,
-    }
-    marker_bytes = (json.dumps(marker, indent=2, sort_keys=True) + "\n").encode("ascii")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        _write(out / PARTIAL_MARKER, marker_bytes)
-        (out / MARKER).unlink(missing_ok=True)  # until the new set is complete, no marker claims it is
-        removed = _prune(train_dir, casia_files, _ID_DIR_RE, lambda _: _ID_FILE_RE)
-        removed += _prune(img_dir, lfw_files, _NAME_RE, lambda nm: re.compile(rf"^{re.escape(nm)}_\d{{4,}}\.jpg$"))
-        img_dir.mkdir(parents=True, exist_ok=True)
-        train_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"{out}: cannot prepare the output folder ({e.strerror or e}).",
-                        hint="Check the path and its permissions.") from e
-
-    def people(split: int, folders: list[str], root: Path, file_name: Callable[[str, int], str]) -> None:
-        for person, folder in enumerate(folders):
-            ident = identity_params(seed, split, person)
-            static = _static_shapes(ident)
-            d = root / folder
-            try:
-                d.mkdir(exist_ok=True)
-            except OSError as e:
-                raise UserError(f"{d}: cannot create ({e.strerror or e}).", hint="Check free disk space and permissions.") from e
-            for n in range(k):
-                _write(d / file_name(folder, n), face_image_bytes(ident, static, seed, split, person, n, image_size))
-                if progress is not None:
-                    progress(1)
-
-    people(_TRAIN, ids, train_dir, casia_file)
-    people(_TEST, names, img_dir, lfw_file)
-    written = []
-    for fname in sorted(texts):
-        _write(lfw_dir / fname, texts[fname].encode("ascii"))
-        written.append(lfw_dir / fname)
-    _write(out / MARKER, marker_bytes)
-    try:
-        (out / PARTIAL_MARKER).unlink(missing_ok=True)
-    except OSError as e:
-        raise UserError(f"{out / PARTIAL_MARKER}: cannot remove ({e.strerror or e}).",
-                        hint="Check the folder's permissions.") from e
-
-    return SynthSummary(
-        out_dir=out, train_dir=train_dir, lfw_dir=lfw_dir, lfw_images_dir=img_dir,
-        pairs_file=lfw_dir / "pairs.txt", dev_train_pairs_file=lfw_dir / "pairsDevTrain.txt",
-        dev_test_pairs_file=lfw_dir / "pairsDevTest.txt", protocol_files=tuple(written), marker_file=out / MARKER,
-        train_identities=identities, train_images=identities * k, test_identities=test_identities,
-        test_images=test_identities * k, pairs_per_fold=n_fold, dev_train_pairs=n_dev_train,
-        dev_test_pairs=n_dev_test, image_size=image_size, seed=seed, removed_stale=removed,
-    )
+    plan = _plan(out_dir, identities, test_identities, images_per_identity, image_size, seed, pairs_per_fold)
+    marker_bytes = plan.marker_bytes()
+    removed = _prepare_out_dir(plan, marker_bytes)
+    _write_people(plan, _TRAIN, plan.ids, plan.train_dir, plan.casia_file, progress)
+    _write_people(plan, _TEST, plan.names, plan.img_dir, plan.lfw_file, progress)
+    written = _write_protocol(plan.lfw_dir, plan.texts)
+    _mark_complete(plan.out, marker_bytes)
+    return _summary(plan, written, removed)
