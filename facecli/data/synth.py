@@ -57,7 +57,7 @@ import operator
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -541,41 +541,52 @@ def _grid(size: int) -> np.ndarray:
     return _GRIDS[size]
 
 
-def render_face(
-    identity: _Identity,
-    static: tuple[list, list, list],
-    rng: np.random.Generator,
-    image_size: int,
-) -> np.ndarray:
-    """One image of ``identity`` under nuisance drawn from ``rng``: uint8 (S, S, 3), before JPEG."""
-    u = rng.uniform
-    ss = 2 if image_size >= 64 else 4
-    side = image_size * ss
-    img = _background(rng, side)
+class _Pose(NamedTuple):
+    """One image's head pose: in-plane rotation, scale, translation, and yaw per shape group."""
 
-    # pose
+    angle: float  # radians
+    scale: float
+    tx: float
+    ty: float
+    squash: np.ndarray  # horizontal factor per group (_HEAD, _INNER)
+    shift: np.ndarray  # horizontal shift per group
+
+
+def _draw_pose(rng: np.random.Generator) -> _Pose:
+    """Draw the pose; yaw squashes and shifts the inner features more than the head outline."""
+    u = rng.uniform
     angle = math.radians(u(-12.0, 12.0))
     scale = u(0.9, 1.1)
     tx, ty = u(-0.04, 0.04), u(-0.04, 0.04)
     yaw = u(-0.25, 0.25)
     squash = np.array([1.0 - 0.3 * abs(yaw), 1.0 - 0.8 * abs(yaw)])
     shift = np.array([0.04 * yaw, 0.13 * yaw])
+    return _Pose(angle, scale, tx, ty, squash, shift)
 
+
+def _image_shapes(p: _Identity, static: tuple[list, list, list], rng: np.random.Generator) -> list:
+    """Every shape of one image, back to front: the identity's fixed ones, clothes, and this expression."""
     clothes = tuple(int(v) for v in rng.integers(0, 256, 3))
-    p = identity
     shoulders = (_ellipse(0.0, p.b * p.chin + 0.33, p.a * 1.9, 0.3, 28), _HEAD, clothes, 0.0)
     back, before, after = static
-    shapes = [*back, shoulders, *before, *_feature_shapes(p, rng), *after]
+    return [*back, shoulders, *before, *_feature_shapes(p, rng), *after]
 
+
+def _to_pixels(shapes: list, pose: _Pose, side: int) -> list[float]:
+    """All shape points, posed and scaled to the canvas, as one flat x, y list (one transform for all)."""
     pts = np.concatenate([s[0] for s in shapes])
     groups = np.concatenate([np.full(len(s[0]), s[1]) for s in shapes])
-    x = pts[:, 0] * squash[groups] + shift[groups]
+    x = pts[:, 0] * pose.squash[groups] + pose.shift[groups]
     y = pts[:, 1]
-    ca, sa = math.cos(angle) * scale, math.sin(angle) * scale
-    px = ((0.5 + tx) + x * ca - y * sa) * side
-    py = ((0.53 + ty) + x * sa + y * ca) * side
-    flat = np.stack([px, py], 1).ravel().tolist()
+    ca, sa = math.cos(pose.angle) * pose.scale, math.sin(pose.angle) * pose.scale
+    px = ((0.5 + pose.tx) + x * ca - y * sa) * side
+    py = ((0.53 + pose.ty) + x * sa + y * ca) * side
+    return np.stack([px, py], 1).ravel().tolist()
 
+
+def _draw_shapes(img: Image.Image, shapes: list, pose: _Pose, side: int) -> None:
+    """Paint the shapes in order: filled polygons, or lines whose width scales with the face."""
+    flat = _to_pixels(shapes, pose, side)
     draw = ImageDraw.Draw(img)
     k = 0
     for pts_s, _, colour, width in shapes:
@@ -583,16 +594,22 @@ def render_face(
         xy = flat[k:k + n]
         k += n
         if width:
-            draw.line(xy, fill=colour, width=max(1, int(round(width * side * scale))))
+            draw.line(xy, fill=colour, width=max(1, int(round(width * side * pose.scale))))
         else:
             draw.polygon(xy, fill=colour)
 
-    img = img.reduce(ss)
-    blur = u(0.0, 0.9) * image_size / 112.0
+
+def _blur(img: Image.Image, rng: np.random.Generator, image_size: int) -> Image.Image:
+    """A random focus blur, in proportion to the image size; too faint to see is skipped."""
+    blur = rng.uniform(0.0, 0.9) * image_size / 112.0
     if blur > 0.15:
         img = img.filter(ImageFilter.GaussianBlur(blur))
+    return img
 
-    # lighting: directional gradient, brightness, contrast, colour cast; then sensor noise
+
+def _light(img: Image.Image, rng: np.random.Generator, image_size: int) -> np.ndarray:
+    """Lighting (directional gradient, brightness, contrast, colour cast), then sensor noise: uint8."""
+    u = rng.uniform
     arr = np.asarray(img, dtype=np.float32)
     light_dir = u(0.0, 2 * np.pi)
     strength = u(0.0, 0.45)
@@ -604,6 +621,26 @@ def render_face(
     noise = rng.standard_normal(arr.shape, dtype=np.float32) * np.float32(sigma)
     out = (arr * gain * cast - 128.0) * np.float32(contrast) + np.float32(128.0 + brightness) + noise
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def render_face(
+    identity: _Identity,
+    static: tuple[list, list, list],
+    rng: np.random.Generator,
+    image_size: int,
+) -> np.ndarray:
+    """One image of ``identity`` under nuisance drawn from ``rng``: uint8 (S, S, 3), before JPEG.
+
+    Draws happen in a fixed order (background, pose, clothes and expression, blur,
+    lighting), which is what keeps a given seed's image byte-identical.
+    """
+    ss = 2 if image_size >= 64 else 4  # supersampling: the box-filter reduce antialiases every edge
+    side = image_size * ss
+    img = _background(rng, side)
+    pose = _draw_pose(rng)
+    _draw_shapes(img, _image_shapes(identity, static, rng), pose, side)
+    img = _blur(img.reduce(ss), rng, image_size)
+    return _light(img, rng, image_size)
 
 
 def _jpeg(arr: np.ndarray, quality: int) -> bytes:
