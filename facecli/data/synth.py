@@ -376,68 +376,110 @@ def _hair_shapes(p: _Identity):
     return back, front
 
 
-def _static_shapes(p: _Identity):
-    """The parts of a face no image changes: (behind the shoulders, before the features, after them)."""
-    skin = np.array(p.skin, np.float64)
-    dark_skin = _colour(skin * 0.86)
-    back, front_hair = _hair_shapes(p)
-    before = []
+def _head_shapes(p: _Identity, skin: np.ndarray) -> list:
+    """Neck, ears and the face outline: the skin the other features sit on."""
     neck_top, neck_w = p.b * 0.5, p.a * 0.42
     neck = np.array([[-neck_w, neck_top], [neck_w, neck_top], [neck_w * 1.1, 0.55], [-neck_w * 1.1, 0.55]])
-    before.append((neck, _HEAD, dark_skin, 0.0))
+    shapes = [(neck, _HEAD, _colour(skin * 0.86), 0.0)]
     for sgn in (-1.0, 1.0):
         ex = sgn * p.a * 0.97
-        before.append((_ellipse(ex, p.ear_y, p.ear_w, p.ear_h, 16), _HEAD, _colour(skin * 0.93), 0.0))
-        before.append((_ellipse(ex + sgn * p.ear_w * 0.2, p.ear_y, p.ear_w * 0.45, p.ear_h * 0.6, 12), _HEAD,
+        shapes.append((_ellipse(ex, p.ear_y, p.ear_w, p.ear_h, 16), _HEAD, _colour(skin * 0.93), 0.0))
+        shapes.append((_ellipse(ex + sgn * p.ear_w * 0.2, p.ear_y, p.ear_w * 0.45, p.ear_h * 0.6, 12), _HEAD,
                        _colour(skin * 0.78), 0.0))
     t = np.linspace(0.0, 2 * np.pi, 48, endpoint=False)
-    before.append((_outline(p, t), _HEAD, p.skin, 0.0))
-    beard_col = p.hair if p.style != 0 else p.brow
-    chin_y = p.b * p.chin
-    if p.beard == 1:  # full beard: lower face below the cheekbones
-        tb = np.linspace(-0.1, np.pi + 0.1, 24)
-        low = _outline(p, tb, 1.03)
-        top_y = p.nose_y + 0.015
-        xs = np.linspace(-p.a, p.a, 9)
-        top = np.stack([xs, top_y + (p.ear_y + 0.03 - top_y) * (xs / p.a) ** 2], 1)
-        before.append((np.concatenate([low, top]), _HEAD, beard_col, 0.0))
-    # nose: side shadow, tip, nostrils
+    shapes.append((_outline(p, t), _HEAD, p.skin, 0.0))
+    return shapes
+
+
+def _beard_colour(p: _Identity) -> tuple:
+    """The hair colour, or for the bald the eyebrows', so a beard matches what hair they show."""
+    return p.hair if p.style != 0 else p.brow
+
+
+def _full_beard(p: _Identity) -> list:
+    """A full beard covers the lower face below the cheekbones, under the nose (empty if none)."""
+    if p.beard != 1:
+        return []
+    tb = np.linspace(-0.1, np.pi + 0.1, 24)
+    low = _outline(p, tb, 1.03)
+    top_y = p.nose_y + 0.015
+    xs = np.linspace(-p.a, p.a, 9)
+    top = np.stack([xs, top_y + (p.ear_y + 0.03 - top_y) * (xs / p.a) ** 2], 1)
+    return [(np.concatenate([low, top]), _HEAD, _beard_colour(p), 0.0)]
+
+
+def _nose_shapes(p: _Identity, skin: np.ndarray) -> list:
+    """Nose: side shadow, tip, nostrils."""
     nw = p.nose_w
     ridge = np.array([[-nw * 0.3, p.eye_y + 0.02], [-nw * 0.12, p.eye_y + 0.02], [-nw * 0.5, p.nose_y],
                       [-nw * 0.8, p.nose_y]])
-    before.append((ridge, _INNER, _colour(skin * 0.88), 0.0))
-    before.append((_ellipse(0.0, p.nose_y - nw * 0.1, nw * 0.75, nw * 0.42, 16), _INNER, _colour(skin * 0.92), 0.0))
+    shapes = [(ridge, _INNER, _colour(skin * 0.88), 0.0)]
+    shapes.append((_ellipse(0.0, p.nose_y - nw * 0.1, nw * 0.75, nw * 0.42, 16), _INNER, _colour(skin * 0.92), 0.0))
     for sgn in (-1.0, 1.0):
-        before.append((_ellipse(sgn * nw * 0.42, p.nose_y + nw * 0.15, nw * 0.22, nw * 0.13, 10), _INNER,
+        shapes.append((_ellipse(sgn * nw * 0.42, p.nose_y + nw * 0.15, nw * 0.22, nw * 0.13, 10), _INNER,
                        _colour(skin * 0.45), 0.0))
-    if p.beard == 2:  # goatee
-        gy = p.mouth_y + (chin_y - p.mouth_y) * 0.55
-        before.append((_ellipse(0.0, gy, p.mouth_w * 0.75, (chin_y - p.mouth_y) * 0.55, 20), _INNER, beard_col, 0.0))
-    after = []
-    if p.beard == 3:  # moustache
-        xs = np.linspace(-p.mouth_w * 1.1, p.mouth_w * 1.1, 11)
-        arch = 1.0 - (xs / (p.mouth_w * 1.1)) ** 2
-        base = p.mouth_y - p.lip_up - 0.004
-        after.append((_band(xs, base - 0.004 - 0.014 * arch, base + 0.006 * (1 - arch)), _INNER, beard_col, 0.0))
-    if p.mole is not None:
-        mx, my, mr = p.mole
-        after.append((_ellipse(mx, my, mr, mr, 10), _INNER, _colour(skin * 0.42), 0.0))
-    after.extend(front_hair)
-    if p.glasses:
-        power = 2.0 if p.glasses == 1 else 6.0
-        c, s = _ellipse(0.0, 0.0, 1.0, 1.0, 20).T
-        sx = np.sign(c) * np.abs(c) ** (2.0 / power)
-        sy = np.sign(s) * np.abs(s) ** (2.0 / power)
-        rx, ry = p.eye_w * 1.55, max(p.eye_h * 2.2, p.eye_w * 1.0)
-        for sgn in (-1.0, 1.0):
-            lens = np.stack([sgn * p.eye_dx + rx * sx, p.eye_y + 0.004 + ry * sy], 1)
-            if p.glasses_dark:
-                after.append((lens, _INNER, (28, 30, 34), 0.0))
-            after.append((np.concatenate([lens, lens[:1]]), _INNER, p.frame, p.frame_w))
-            arm = np.array([[sgn * (p.eye_dx + rx), p.eye_y], [sgn * p.a * 0.98, p.eye_y - 0.005]])
-            after.append((arm, _INNER, p.frame, p.frame_w))
-        bridge = np.array([[-(p.eye_dx - rx), p.eye_y], [0.0, p.eye_y - 0.008], [p.eye_dx - rx, p.eye_y]])
-        after.append((bridge, _INNER, p.frame, p.frame_w))
+    return shapes
+
+
+def _goatee(p: _Identity) -> list:
+    """A goatee between mouth and chin (empty if none)."""
+    if p.beard != 2:
+        return []
+    chin_y = p.b * p.chin
+    gy = p.mouth_y + (chin_y - p.mouth_y) * 0.55
+    return [(_ellipse(0.0, gy, p.mouth_w * 0.75, (chin_y - p.mouth_y) * 0.55, 20), _INNER, _beard_colour(p), 0.0)]
+
+
+def _moustache(p: _Identity) -> list:
+    """A moustache arched above the upper lip, drawn over the mouth (empty if none)."""
+    if p.beard != 3:
+        return []
+    xs = np.linspace(-p.mouth_w * 1.1, p.mouth_w * 1.1, 11)
+    arch = 1.0 - (xs / (p.mouth_w * 1.1)) ** 2
+    base = p.mouth_y - p.lip_up - 0.004
+    return [(_band(xs, base - 0.004 - 0.014 * arch, base + 0.006 * (1 - arch)), _INNER, _beard_colour(p), 0.0)]
+
+
+def _mole(p: _Identity, skin: np.ndarray) -> list:
+    """The person's mole, if they have one."""
+    if p.mole is None:
+        return []
+    mx, my, mr = p.mole
+    return [(_ellipse(mx, my, mr, mr, 10), _INNER, _colour(skin * 0.42), 0.0)]
+
+
+def _glasses_shapes(p: _Identity) -> list:
+    """Glasses: two lenses (superellipses: round or rectangular), optionally dark, with arms and a bridge."""
+    if not p.glasses:
+        return []
+    shapes = []
+    power = 2.0 if p.glasses == 1 else 6.0
+    c, s = _ellipse(0.0, 0.0, 1.0, 1.0, 20).T
+    sx = np.sign(c) * np.abs(c) ** (2.0 / power)
+    sy = np.sign(s) * np.abs(s) ** (2.0 / power)
+    rx, ry = p.eye_w * 1.55, max(p.eye_h * 2.2, p.eye_w * 1.0)
+    for sgn in (-1.0, 1.0):
+        lens = np.stack([sgn * p.eye_dx + rx * sx, p.eye_y + 0.004 + ry * sy], 1)
+        if p.glasses_dark:
+            shapes.append((lens, _INNER, (28, 30, 34), 0.0))
+        shapes.append((np.concatenate([lens, lens[:1]]), _INNER, p.frame, p.frame_w))
+        arm = np.array([[sgn * (p.eye_dx + rx), p.eye_y], [sgn * p.a * 0.98, p.eye_y - 0.005]])
+        shapes.append((arm, _INNER, p.frame, p.frame_w))
+    bridge = np.array([[-(p.eye_dx - rx), p.eye_y], [0.0, p.eye_y - 0.008], [p.eye_dx - rx, p.eye_y]])
+    shapes.append((bridge, _INNER, p.frame, p.frame_w))
+    return shapes
+
+
+def _static_shapes(p: _Identity):
+    """The parts of a face no image changes: (behind the shoulders, before the features, after them).
+
+    Computed once per person and reused for all their images; the list order is the
+    painting order, back to front.
+    """
+    skin = np.array(p.skin, np.float64)
+    back, front_hair = _hair_shapes(p)
+    before = [*_head_shapes(p, skin), *_full_beard(p), *_nose_shapes(p, skin), *_goatee(p)]
+    after = [*_moustache(p), *_mole(p, skin), *front_hair, *_glasses_shapes(p)]
     return back, before, after
 
 
