@@ -442,6 +442,80 @@ def _pick_single(landmarks: dict[str, np.ndarray], image: Path, landmarks_file: 
     raise UserError(f"{landmarks_file}: no entry for {name!r}.", hint="Key the entry by the image's file name.")
 
 
+def _checked_size(size) -> int:
+    """The output side in pixels; bools and fractions are refused, not rounded."""
+    if isinstance(size, bool) or int(size) != size or size < 1:
+        raise UserError(f"--size must be a positive integer, got {size!r}.")
+    return int(size)
+
+
+def _check_output_folder(dst: Path, src_root: Path, dst_root: Path) -> None:
+    """Refuse an output that is a file, or the source folder or inside it."""
+    if dst.exists() and not dst.is_dir():
+        raise UserError(f"{dst}: exists and is not a folder.", hint="Give a new or existing output folder.")
+    if dst_root == src_root or src_root in dst_root.parents:
+        raise UserError(
+            f"{dst}: output folder is the source folder or inside it.",
+            hint="Write aligned images to a separate folder.",
+        )
+
+
+def _plan_outputs(
+    landmarks: dict[str, np.ndarray], src: Path, src_root: Path, dst_root: Path, landmarks_path: Path
+) -> list[tuple[str, Path, Path, str]]:
+    """[(entry, source, output, format)] in entry order, refusing collisions and writes into the source.
+
+    Planned up front so a bad entry is refused before any image is written.
+    """
+    plan: list[tuple[str, Path, Path, str]] = []
+    targets: dict[Path, str] = {}
+    for rel in sorted(landmarks):
+        out_rel, fmt = _output_name(rel)
+        out = dst_root / out_rel
+        if src_root == out or src_root in out.parents:
+            raise UserError(f"{landmarks_path}: output for {rel!r} would overwrite the source folder ({out}).")
+        if out in targets:
+            raise UserError(
+                f"{landmarks_path}: {targets[out]!r} and {rel!r} would both be written to {out}.",
+                hint="Rename one of the images.",
+            )
+        targets[out] = rel
+        plan.append((rel, src / rel, out, fmt))
+    return plan
+
+
+def _unlisted_images(src: Path, listed: set[str]) -> list[str]:
+    """Images under ``src`` with no landmarks entry, sorted: reported as skipped."""
+    return sorted(
+        rel
+        for rel in (p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file() and is_image_file(p))
+        if rel not in listed
+    )
+
+
+def _align_planned(
+    plan: list[tuple[str, Path, Path, str]],
+    landmarks: dict[str, np.ndarray],
+    size: int,
+    summary: AlignSummary,
+    progress: Callable[[int], None] | None,
+) -> None:
+    """Align and write each planned image; missing and unreadable ones go to ``summary``, not raised."""
+    for rel, source, out, fmt in plan:
+        if not source.is_file():
+            summary.missing.append(rel)
+        else:
+            try:
+                photo = load_photo(source, str(source))
+            except ImageError as e:
+                summary.unreadable.append((rel, str(e)))
+            else:
+                _save(align_face(photo, landmarks[rel], size), out, fmt)
+                summary.written.append(out)
+        if progress is not None:
+            progress(1)
+
+
 def align_folder(
     src_dir: PathLike,
     dst_dir: PathLike,
@@ -461,9 +535,7 @@ def align_folder(
     ``dst_dir`` is the output file (if it has an image suffix and is not a folder) or
     the folder to write it into. An unreadable single image raises :class:`ImageError`.
     """
-    if isinstance(size, bool) or int(size) != size or size < 1:
-        raise UserError(f"--size must be a positive integer, got {size!r}.")
-    size = int(size)
+    size = _checked_size(size)
     src = Path(src_dir)
     dst = Path(dst_dir)
     landmarks_path = Path(landmarks_file)
@@ -475,50 +547,11 @@ def align_folder(
 
     src_root = src.resolve()
     dst_root = dst.resolve()
-    if dst.exists() and not dst.is_dir():
-        raise UserError(f"{dst}: exists and is not a folder.", hint="Give a new or existing output folder.")
-    if dst_root == src_root or src_root in dst_root.parents:
-        raise UserError(
-            f"{dst}: output folder is the source folder or inside it.",
-            hint="Write aligned images to a separate folder.",
-        )
-
-    # Plan every output first: refuse collisions and writes into the source up front.
-    plan: list[tuple[str, Path, Path, str]] = []
-    targets: dict[Path, str] = {}
-    for rel in sorted(landmarks):
-        out_rel, fmt = _output_name(rel)
-        out = dst_root / out_rel
-        if src_root == out or src_root in out.parents:
-            raise UserError(f"{landmarks_path}: output for {rel!r} would overwrite the source folder ({out}).")
-        if out in targets:
-            raise UserError(
-                f"{landmarks_path}: {targets[out]!r} and {rel!r} would both be written to {out}.",
-                hint="Rename one of the images.",
-            )
-        targets[out] = rel
-        plan.append((rel, src / rel, out, fmt))
-
+    _check_output_folder(dst, src_root, dst_root)
+    plan = _plan_outputs(landmarks, src, src_root, dst_root, landmarks_path)
     summary = AlignSummary()
-    listed = set(landmarks)
-    summary.skipped = sorted(
-        rel
-        for rel in (p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file() and is_image_file(p))
-        if rel not in listed
-    )
-    for rel, source, out, fmt in plan:
-        if not source.is_file():
-            summary.missing.append(rel)
-        else:
-            try:
-                photo = load_photo(source, str(source))
-            except ImageError as e:
-                summary.unreadable.append((rel, str(e)))
-            else:
-                _save(align_face(photo, landmarks[rel], size), out, fmt)
-                summary.written.append(out)
-        if progress is not None:
-            progress(1)
+    summary.skipped = _unlisted_images(src, set(landmarks))
+    _align_planned(plan, landmarks, size, summary, progress)
     return summary
 
 

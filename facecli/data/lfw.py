@@ -259,18 +259,8 @@ def _check_images(src: Path, root: Path, parsed) -> dict[Path, str | None]:
 # --------------------------------------------------------------------------- API
 
 
-def read_pairs(pairs_file, image_root, allow_missing: bool = False) -> PairSet:
-    """Read an LFW pairs file (``pairs.txt`` or a dev file) against the images under ``image_root``."""
-    src = Path(pairs_file).expanduser()
-    root = Path(image_root).expanduser()
-    if not root.is_dir():
-        raise UserError(f"{root}: image root not found (not a directory).",
-                        hint="Pass the folder holding <name>/<name>_NNNN.jpg (see find_image_root).")
-    rows = _read_rows(src)
-    hno, folds, n = _parse_header(src, rows)
-    parsed = _parse_pairs(src, rows, hno, folds, n)
-    status = _check_images(src, root, parsed)
-
+def _split_found(root: Path, parsed, status: dict[Path, str | None]) -> tuple[list, list[str]]:
+    """Pairs with both images present, as (line, fold, issame, path_a, path_b), and 'line N (why)' for the rest."""
     kept, dropped = [], []
     for rec in parsed:
         no, _, _, name_a, i, name_b, j = rec
@@ -280,19 +270,26 @@ def read_pairs(pairs_file, image_root, allow_missing: bool = False) -> PairSet:
             dropped.append(f"line {no} ({'; '.join(why)})")
         else:
             kept.append((no, rec[1], rec[2], pa, pb))
+    return kept, dropped
 
+
+def _refuse_missing(src: Path, root: Path, n_pairs: int, kept: list, dropped: list[str], allow_missing: bool) -> None:
+    """Missing images are an error unless allowed (naming the first few lines); no pair left always is."""
     if dropped and not allow_missing:
         shown = ", ".join(dropped[:_SHOW_MISSING])
         more = f" and {len(dropped) - _SHOW_MISSING} more" if len(dropped) > _SHOW_MISSING else ""
         raise UserError(
-            f"{src}: {len(dropped)} of {len(parsed)} pairs refer to images missing under {root}: {shown}{more}.",
+            f"{src}: {len(dropped)} of {n_pairs} pairs refer to images missing under {root}: {shown}{more}.",
             hint="Check that the image root belongs to this pairs file, or allow missing images to "
             "evaluate without those pairs (reported as missing).",
         )
     if not kept:
-        raise UserError(f"{src}: none of its {len(parsed)} pairs has both images under {root}.",
+        raise UserError(f"{src}: none of its {n_pairs} pairs has both images under {root}.",
                         hint="Point at the folder holding the LFW images.")
-    fold_of_pair = np.array([k[1] for k in kept], dtype=np.int64)
+
+
+def _refuse_empty_fold(src: Path, rows, fold_of_pair: np.ndarray, folds: int, n: int) -> None:
+    """A fold that lost every pair cannot be tested, so the k-fold protocol is refused, not skewed."""
     empty = np.flatnonzero(np.bincount(fold_of_pair, minlength=folds) == 0)
     if len(empty):
         f = int(empty[0])
@@ -304,6 +301,9 @@ def read_pairs(pairs_file, image_root, allow_missing: bool = False) -> PairSet:
             hint="Restore the missing images.",
         )
 
+
+def _pair_set(kept: list, folds: int, n: int, missing: int, src: Path, root: Path, fold_of_pair) -> PairSet:
+    """The kept pairs, with their distinct images indexed so each is embedded once."""
     pairs = [(k[3], k[4]) for k in kept]
     unique = sorted({p for pair in pairs for p in pair})
     position = {p: idx for idx, p in enumerate(unique)}
@@ -315,9 +315,26 @@ def read_pairs(pairs_file, image_root, allow_missing: bool = False) -> PairSet:
         unique_images=unique,
         index_a=np.array([position[a] for a, _ in pairs], dtype=np.int64),
         index_b=np.array([position[b] for _, b in pairs], dtype=np.int64),
-        missing=len(dropped),
+        missing=missing,
         source=src,
         fold_of_pair=fold_of_pair,
         lines=np.array([k[0] for k in kept], dtype=np.int64),
         image_root=root,
     )
+
+
+def read_pairs(pairs_file, image_root, allow_missing: bool = False) -> PairSet:
+    """Read an LFW pairs file (``pairs.txt`` or a dev file) against the images under ``image_root``."""
+    src = Path(pairs_file).expanduser()
+    root = Path(image_root).expanduser()
+    if not root.is_dir():
+        raise UserError(f"{root}: image root not found (not a directory).",
+                        hint="Pass the folder holding <name>/<name>_NNNN.jpg (see find_image_root).")
+    rows = _read_rows(src)
+    hno, folds, n = _parse_header(src, rows)
+    parsed = _parse_pairs(src, rows, hno, folds, n)
+    kept, dropped = _split_found(root, parsed, _check_images(src, root, parsed))
+    _refuse_missing(src, root, len(parsed), kept, dropped, allow_missing)
+    fold_of_pair = np.array([k[1] for k in kept], dtype=np.int64)
+    _refuse_empty_fold(src, rows, fold_of_pair, folds, n)
+    return _pair_set(kept, folds, n, len(dropped), src, root, fold_of_pair)

@@ -750,6 +750,142 @@ def _load_for_pack(path: Path) -> tuple[bytes, tuple[int, int], bool]:
         return buf.getvalue(), size, True
 
 
+def _check_pack_paths(src: Path, out: Path, targets: dict[str, Path], overwrite: bool) -> None:
+    """Refuse a missing source, and an existing pack unless overwriting was asked for."""
+    if not src.is_dir():
+        raise UserError(f"{src}: not a folder.", hint="Pass a folder with one sub-folder of images per identity.")
+    if not overwrite and any(targets[n].exists() for n in (REC_NAME, IDX_NAME)):
+        raise UserError(
+            f"{out}: already holds a packed set ({REC_NAME}/{IDX_NAME}).",
+            hint="Choose another output folder or allow overwriting.",
+        )
+
+
+def _identity_listing(src: Path) -> tuple[list[tuple[str, list[Path]]], int]:
+    """[(identity, image files)] sorted by name, and the file count; refused before anything is written.
+
+    A line break in a folder name would corrupt ``classes.txt`` (one name a line).
+    """
+    folders = sorted(p for p in src.iterdir() if p.is_dir() and not p.name.startswith("."))
+    bad_names = [p.name for p in folders if "\n" in p.name or "\r" in p.name]
+    if bad_names:
+        raise UserError(f"{src}: identity folder name {bad_names[0]!r} contains a line break.", hint="Rename it.")
+    listing = [
+        (p.name, sorted((f for f in p.iterdir() if f.is_file() and is_image_file(f)), key=lambda f: f.name))
+        for p in folders
+    ]
+    total = sum(len(files) for _, files in listing)
+    if total == 0:
+        raise UserError(
+            f"{src}: no images found in identity sub-folders.",
+            hint=f"Expected {src}/<identity>/<image>.jpg (suffixes: jpg, png, bmp, ...).",
+        )
+    return listing, total
+
+
+def _load_identity(files: list[Path], summary: PackSummary, sizes: Counter, on_file: Callable[[], None]) -> list[bytes]:
+    """The payloads of one identity's readable files; unreadable ones are noted in ``summary``, not raised."""
+    payloads: list[bytes] = []
+    for f in files:
+        try:
+            payload, size, reencoded = _load_for_pack(f)
+        except _PIL_ERRORS as e:
+            summary.skipped += 1
+            summary.skipped_files.append(f"{f}: {type(e).__name__}: {e}")
+        else:
+            payloads.append(payload)
+            sizes[size] += 1
+            summary.reencoded += int(reencoded)
+        on_file()
+    return payloads
+
+
+def _write_image_records(
+    writer: RecordIOWriter,
+    listing: list[tuple[str, list[Path]]],
+    total: int,
+    summary: PackSummary,
+    sizes: Counter,
+    progress: Callable[[int, int], None] | None,
+) -> tuple[list[str], list[tuple[int, int]], int]:
+    """Write image records from key 1, labels 0..C-1 in folder order, skipping identities with no image.
+
+    Returns the kept identity names, their [start, end) key ranges, and the next free key.
+    """
+    done = 0
+
+    def on_file() -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, total)
+
+    names: list[str] = []
+    ranges: list[tuple[int, int]] = []
+    key = 1
+    for name, files in listing:
+        payloads = _load_identity(files, summary, sizes, on_file)
+        if not payloads:
+            summary.empty_identities.append(name)
+            continue
+        label = len(names)
+        start = key
+        for payload in payloads:
+            writer.write(key, pack_record(float(label), id=key, id2=0, payload=payload))
+            key += 1
+        names.append(name)
+        ranges.append((start, key))
+    return names, ranges, key
+
+
+def _write_identity_records(writer: RecordIOWriter, ranges: list[tuple[int, int]], first_identity: int) -> bytes:
+    """Write one (start, end) record per identity after the images; returns the framed header record 0.
+
+    The header can only be known now, so the caller patches it over the placeholder.
+    """
+    for label, (start, end) in enumerate(ranges):
+        key_c = first_identity + label
+        writer.write(key_c, pack_record((float(start), float(end)), id=key_c, id2=0))
+    return frame_record(pack_record((float(first_identity), float(first_identity + len(ranges))), id=0, id2=0))
+
+
+def _patch_header(rec_path: Path, header: bytes) -> None:
+    """Overwrite the placeholder record 0 in place; it must have the same framed size."""
+    with open(rec_path, "r+b") as f:
+        old = f.read(len(header))
+        if len(old) != len(header) or old[:4] != _MAGIC_BYTES:
+            raise RuntimeError("header placeholder has a different size than the final header")
+        f.seek(0)
+        f.write(header)
+
+
+def _write_pack(
+    partial: dict[str, Path],
+    src: Path,
+    listing: list[tuple[str, list[Path]]],
+    total: int,
+    summary: PackSummary,
+    progress: Callable[[int, int], None] | None,
+) -> tuple[int, int, tuple[int, int]]:
+    """Write all four files under their ``.partial`` names: (images, identities, most common (h, w))."""
+    sizes: Counter = Counter()
+    with RecordIOWriter(partial[REC_NAME], partial[IDX_NAME]) as writer:
+        # Placeholder header; same 40 framed bytes as the final one, patched at the end.
+        writer.write(0, pack_record((0.0, 0.0), id=0, id2=0))
+        names, ranges, key = _write_image_records(writer, listing, total, summary, sizes, progress)
+        if not names:
+            raise UserError(
+                f"{src}: none of the {total} image files could be read.",
+                hint=f"First problem: {summary.skipped_files[0]}" if summary.skipped_files else None,
+            )
+        header = _write_identity_records(writer, ranges, key)
+    _patch_header(partial[REC_NAME], header)
+    height, width = sizes.most_common(1)[0][0]
+    partial[PROPERTY_NAME].write_text(f"{len(names)},{height},{width}\n", encoding="ascii")
+    partial[CLASSES_NAME].write_text("".join(f"{n}\n" for n in names), encoding="utf-8")
+    return key - 1, len(names), (height, width)
+
+
 def pack_folders(
     src_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -769,86 +905,15 @@ def pack_folders(
     """
     src = Path(src_dir)
     out = Path(out_dir)
-    if not src.is_dir():
-        raise UserError(f"{src}: not a folder.", hint="Pass a folder with one sub-folder of images per identity.")
     targets = {name: out / name for name in (REC_NAME, IDX_NAME, PROPERTY_NAME, CLASSES_NAME)}
-    if not overwrite and any(targets[n].exists() for n in (REC_NAME, IDX_NAME)):
-        raise UserError(
-            f"{out}: already holds a packed set ({REC_NAME}/{IDX_NAME}).",
-            hint="Choose another output folder or allow overwriting.",
-        )
-
-    folders = sorted(p for p in src.iterdir() if p.is_dir() and not p.name.startswith("."))
-    bad_names = [p.name for p in folders if "\n" in p.name or "\r" in p.name]
-    if bad_names:
-        raise UserError(f"{src}: identity folder name {bad_names[0]!r} contains a line break.", hint="Rename it.")
-    listing = [
-        (p.name, sorted((f for f in p.iterdir() if f.is_file() and is_image_file(f)), key=lambda f: f.name))
-        for p in folders
-    ]
-    total = sum(len(files) for _, files in listing)
-    if total == 0:
-        raise UserError(
-            f"{src}: no images found in identity sub-folders.",
-            hint=f"Expected {src}/<identity>/<image>.jpg (suffixes: jpg, png, bmp, ...).",
-        )
+    _check_pack_paths(src, out, targets, overwrite)
+    listing, total = _identity_listing(src)
 
     out.mkdir(parents=True, exist_ok=True)
     partial = {name: path.with_name(path.name + ".partial") for name, path in targets.items()}
     summary = PackSummary(out_dir=out, num_images=0, num_classes=0, reencoded=0, skipped=0)
-    sizes: Counter = Counter()
-    names: list[str] = []
-    ranges: list[tuple[int, int]] = []
-    done = 0
     try:
-        with RecordIOWriter(partial[REC_NAME], partial[IDX_NAME]) as writer:
-            # Placeholder header; same 40 framed bytes as the final one, patched at the end.
-            writer.write(0, pack_record((0.0, 0.0), id=0, id2=0))
-            key = 1
-            for name, files in listing:
-                payloads: list[bytes] = []
-                for f in files:
-                    try:
-                        payload, size, reencoded = _load_for_pack(f)
-                    except _PIL_ERRORS as e:
-                        summary.skipped += 1
-                        summary.skipped_files.append(f"{f}: {type(e).__name__}: {e}")
-                    else:
-                        payloads.append(payload)
-                        sizes[size] += 1
-                        summary.reencoded += int(reencoded)
-                    done += 1
-                    if progress is not None:
-                        progress(done, total)
-                if not payloads:
-                    summary.empty_identities.append(name)
-                    continue
-                label = len(names)
-                start = key
-                for payload in payloads:
-                    writer.write(key, pack_record(float(label), id=key, id2=0, payload=payload))
-                    key += 1
-                names.append(name)
-                ranges.append((start, key))
-            if not names:
-                raise UserError(
-                    f"{src}: none of the {total} image files could be read.",
-                    hint=f"First problem: {summary.skipped_files[0]}" if summary.skipped_files else None,
-                )
-            first_identity = key
-            for label, (start, end) in enumerate(ranges):
-                key_c = first_identity + label
-                writer.write(key_c, pack_record((float(start), float(end)), id=key_c, id2=0))
-            header = frame_record(pack_record((float(first_identity), float(first_identity + len(names))), id=0, id2=0))
-        with open(partial[REC_NAME], "r+b") as f:
-            old = f.read(len(header))
-            if len(old) != len(header) or old[:4] != _MAGIC_BYTES:
-                raise RuntimeError("header placeholder has a different size than the final header")
-            f.seek(0)
-            f.write(header)
-        height, width = sizes.most_common(1)[0][0]
-        partial[PROPERTY_NAME].write_text(f"{len(names)},{height},{width}\n", encoding="ascii")
-        partial[CLASSES_NAME].write_text("".join(f"{n}\n" for n in names), encoding="utf-8")
+        num_images, num_classes, image_size = _write_pack(partial, src, listing, total, summary, progress)
         for name in (CLASSES_NAME, PROPERTY_NAME, IDX_NAME, REC_NAME):
             os.replace(partial[name], targets[name])
     except OSError as e:
@@ -857,7 +922,7 @@ def pack_folders(
         for path in partial.values():
             if path.exists():
                 path.unlink()
-    summary.num_images = key - 1
-    summary.num_classes = len(names)
-    summary.image_size = (height, width)
+    summary.num_images = num_images
+    summary.num_classes = num_classes
+    summary.image_size = image_size
     return summary

@@ -57,7 +57,7 @@ import operator
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -376,68 +376,110 @@ def _hair_shapes(p: _Identity):
     return back, front
 
 
-def _static_shapes(p: _Identity):
-    """The parts of a face no image changes: (behind the shoulders, before the features, after them)."""
-    skin = np.array(p.skin, np.float64)
-    dark_skin = _colour(skin * 0.86)
-    back, front_hair = _hair_shapes(p)
-    before = []
+def _head_shapes(p: _Identity, skin: np.ndarray) -> list:
+    """Neck, ears and the face outline: the skin the other features sit on."""
     neck_top, neck_w = p.b * 0.5, p.a * 0.42
     neck = np.array([[-neck_w, neck_top], [neck_w, neck_top], [neck_w * 1.1, 0.55], [-neck_w * 1.1, 0.55]])
-    before.append((neck, _HEAD, dark_skin, 0.0))
+    shapes = [(neck, _HEAD, _colour(skin * 0.86), 0.0)]
     for sgn in (-1.0, 1.0):
         ex = sgn * p.a * 0.97
-        before.append((_ellipse(ex, p.ear_y, p.ear_w, p.ear_h, 16), _HEAD, _colour(skin * 0.93), 0.0))
-        before.append((_ellipse(ex + sgn * p.ear_w * 0.2, p.ear_y, p.ear_w * 0.45, p.ear_h * 0.6, 12), _HEAD,
+        shapes.append((_ellipse(ex, p.ear_y, p.ear_w, p.ear_h, 16), _HEAD, _colour(skin * 0.93), 0.0))
+        shapes.append((_ellipse(ex + sgn * p.ear_w * 0.2, p.ear_y, p.ear_w * 0.45, p.ear_h * 0.6, 12), _HEAD,
                        _colour(skin * 0.78), 0.0))
     t = np.linspace(0.0, 2 * np.pi, 48, endpoint=False)
-    before.append((_outline(p, t), _HEAD, p.skin, 0.0))
-    beard_col = p.hair if p.style != 0 else p.brow
-    chin_y = p.b * p.chin
-    if p.beard == 1:  # full beard: lower face below the cheekbones
-        tb = np.linspace(-0.1, np.pi + 0.1, 24)
-        low = _outline(p, tb, 1.03)
-        top_y = p.nose_y + 0.015
-        xs = np.linspace(-p.a, p.a, 9)
-        top = np.stack([xs, top_y + (p.ear_y + 0.03 - top_y) * (xs / p.a) ** 2], 1)
-        before.append((np.concatenate([low, top]), _HEAD, beard_col, 0.0))
-    # nose: side shadow, tip, nostrils
+    shapes.append((_outline(p, t), _HEAD, p.skin, 0.0))
+    return shapes
+
+
+def _beard_colour(p: _Identity) -> tuple:
+    """The hair colour, or for the bald the eyebrows', so a beard matches what hair they show."""
+    return p.hair if p.style != 0 else p.brow
+
+
+def _full_beard(p: _Identity) -> list:
+    """A full beard covers the lower face below the cheekbones, under the nose (empty if none)."""
+    if p.beard != 1:
+        return []
+    tb = np.linspace(-0.1, np.pi + 0.1, 24)
+    low = _outline(p, tb, 1.03)
+    top_y = p.nose_y + 0.015
+    xs = np.linspace(-p.a, p.a, 9)
+    top = np.stack([xs, top_y + (p.ear_y + 0.03 - top_y) * (xs / p.a) ** 2], 1)
+    return [(np.concatenate([low, top]), _HEAD, _beard_colour(p), 0.0)]
+
+
+def _nose_shapes(p: _Identity, skin: np.ndarray) -> list:
+    """Nose: side shadow, tip, nostrils."""
     nw = p.nose_w
     ridge = np.array([[-nw * 0.3, p.eye_y + 0.02], [-nw * 0.12, p.eye_y + 0.02], [-nw * 0.5, p.nose_y],
                       [-nw * 0.8, p.nose_y]])
-    before.append((ridge, _INNER, _colour(skin * 0.88), 0.0))
-    before.append((_ellipse(0.0, p.nose_y - nw * 0.1, nw * 0.75, nw * 0.42, 16), _INNER, _colour(skin * 0.92), 0.0))
+    shapes = [(ridge, _INNER, _colour(skin * 0.88), 0.0)]
+    shapes.append((_ellipse(0.0, p.nose_y - nw * 0.1, nw * 0.75, nw * 0.42, 16), _INNER, _colour(skin * 0.92), 0.0))
     for sgn in (-1.0, 1.0):
-        before.append((_ellipse(sgn * nw * 0.42, p.nose_y + nw * 0.15, nw * 0.22, nw * 0.13, 10), _INNER,
+        shapes.append((_ellipse(sgn * nw * 0.42, p.nose_y + nw * 0.15, nw * 0.22, nw * 0.13, 10), _INNER,
                        _colour(skin * 0.45), 0.0))
-    if p.beard == 2:  # goatee
-        gy = p.mouth_y + (chin_y - p.mouth_y) * 0.55
-        before.append((_ellipse(0.0, gy, p.mouth_w * 0.75, (chin_y - p.mouth_y) * 0.55, 20), _INNER, beard_col, 0.0))
-    after = []
-    if p.beard == 3:  # moustache
-        xs = np.linspace(-p.mouth_w * 1.1, p.mouth_w * 1.1, 11)
-        arch = 1.0 - (xs / (p.mouth_w * 1.1)) ** 2
-        base = p.mouth_y - p.lip_up - 0.004
-        after.append((_band(xs, base - 0.004 - 0.014 * arch, base + 0.006 * (1 - arch)), _INNER, beard_col, 0.0))
-    if p.mole is not None:
-        mx, my, mr = p.mole
-        after.append((_ellipse(mx, my, mr, mr, 10), _INNER, _colour(skin * 0.42), 0.0))
-    after.extend(front_hair)
-    if p.glasses:
-        power = 2.0 if p.glasses == 1 else 6.0
-        c, s = _ellipse(0.0, 0.0, 1.0, 1.0, 20).T
-        sx = np.sign(c) * np.abs(c) ** (2.0 / power)
-        sy = np.sign(s) * np.abs(s) ** (2.0 / power)
-        rx, ry = p.eye_w * 1.55, max(p.eye_h * 2.2, p.eye_w * 1.0)
-        for sgn in (-1.0, 1.0):
-            lens = np.stack([sgn * p.eye_dx + rx * sx, p.eye_y + 0.004 + ry * sy], 1)
-            if p.glasses_dark:
-                after.append((lens, _INNER, (28, 30, 34), 0.0))
-            after.append((np.concatenate([lens, lens[:1]]), _INNER, p.frame, p.frame_w))
-            arm = np.array([[sgn * (p.eye_dx + rx), p.eye_y], [sgn * p.a * 0.98, p.eye_y - 0.005]])
-            after.append((arm, _INNER, p.frame, p.frame_w))
-        bridge = np.array([[-(p.eye_dx - rx), p.eye_y], [0.0, p.eye_y - 0.008], [p.eye_dx - rx, p.eye_y]])
-        after.append((bridge, _INNER, p.frame, p.frame_w))
+    return shapes
+
+
+def _goatee(p: _Identity) -> list:
+    """A goatee between mouth and chin (empty if none)."""
+    if p.beard != 2:
+        return []
+    chin_y = p.b * p.chin
+    gy = p.mouth_y + (chin_y - p.mouth_y) * 0.55
+    return [(_ellipse(0.0, gy, p.mouth_w * 0.75, (chin_y - p.mouth_y) * 0.55, 20), _INNER, _beard_colour(p), 0.0)]
+
+
+def _moustache(p: _Identity) -> list:
+    """A moustache arched above the upper lip, drawn over the mouth (empty if none)."""
+    if p.beard != 3:
+        return []
+    xs = np.linspace(-p.mouth_w * 1.1, p.mouth_w * 1.1, 11)
+    arch = 1.0 - (xs / (p.mouth_w * 1.1)) ** 2
+    base = p.mouth_y - p.lip_up - 0.004
+    return [(_band(xs, base - 0.004 - 0.014 * arch, base + 0.006 * (1 - arch)), _INNER, _beard_colour(p), 0.0)]
+
+
+def _mole(p: _Identity, skin: np.ndarray) -> list:
+    """The person's mole, if they have one."""
+    if p.mole is None:
+        return []
+    mx, my, mr = p.mole
+    return [(_ellipse(mx, my, mr, mr, 10), _INNER, _colour(skin * 0.42), 0.0)]
+
+
+def _glasses_shapes(p: _Identity) -> list:
+    """Glasses: two lenses (superellipses: round or rectangular), optionally dark, with arms and a bridge."""
+    if not p.glasses:
+        return []
+    shapes = []
+    power = 2.0 if p.glasses == 1 else 6.0
+    c, s = _ellipse(0.0, 0.0, 1.0, 1.0, 20).T
+    sx = np.sign(c) * np.abs(c) ** (2.0 / power)
+    sy = np.sign(s) * np.abs(s) ** (2.0 / power)
+    rx, ry = p.eye_w * 1.55, max(p.eye_h * 2.2, p.eye_w * 1.0)
+    for sgn in (-1.0, 1.0):
+        lens = np.stack([sgn * p.eye_dx + rx * sx, p.eye_y + 0.004 + ry * sy], 1)
+        if p.glasses_dark:
+            shapes.append((lens, _INNER, (28, 30, 34), 0.0))
+        shapes.append((np.concatenate([lens, lens[:1]]), _INNER, p.frame, p.frame_w))
+        arm = np.array([[sgn * (p.eye_dx + rx), p.eye_y], [sgn * p.a * 0.98, p.eye_y - 0.005]])
+        shapes.append((arm, _INNER, p.frame, p.frame_w))
+    bridge = np.array([[-(p.eye_dx - rx), p.eye_y], [0.0, p.eye_y - 0.008], [p.eye_dx - rx, p.eye_y]])
+    shapes.append((bridge, _INNER, p.frame, p.frame_w))
+    return shapes
+
+
+def _static_shapes(p: _Identity):
+    """The parts of a face no image changes: (behind the shoulders, before the features, after them).
+
+    Computed once per person and reused for all their images; the list order is the
+    painting order, back to front.
+    """
+    skin = np.array(p.skin, np.float64)
+    back, front_hair = _hair_shapes(p)
+    before = [*_head_shapes(p, skin), *_full_beard(p), *_nose_shapes(p, skin), *_goatee(p)]
+    after = [*_moustache(p), *_mole(p, skin), *front_hair, *_glasses_shapes(p)]
     return back, before, after
 
 
@@ -541,41 +583,52 @@ def _grid(size: int) -> np.ndarray:
     return _GRIDS[size]
 
 
-def render_face(
-    identity: _Identity,
-    static: tuple[list, list, list],
-    rng: np.random.Generator,
-    image_size: int,
-) -> np.ndarray:
-    """One image of ``identity`` under nuisance drawn from ``rng``: uint8 (S, S, 3), before JPEG."""
-    u = rng.uniform
-    ss = 2 if image_size >= 64 else 4
-    side = image_size * ss
-    img = _background(rng, side)
+class _Pose(NamedTuple):
+    """One image's head pose: in-plane rotation, scale, translation, and yaw per shape group."""
 
-    # pose
+    angle: float  # radians
+    scale: float
+    tx: float
+    ty: float
+    squash: np.ndarray  # horizontal factor per group (_HEAD, _INNER)
+    shift: np.ndarray  # horizontal shift per group
+
+
+def _draw_pose(rng: np.random.Generator) -> _Pose:
+    """Draw the pose; yaw squashes and shifts the inner features more than the head outline."""
+    u = rng.uniform
     angle = math.radians(u(-12.0, 12.0))
     scale = u(0.9, 1.1)
     tx, ty = u(-0.04, 0.04), u(-0.04, 0.04)
     yaw = u(-0.25, 0.25)
     squash = np.array([1.0 - 0.3 * abs(yaw), 1.0 - 0.8 * abs(yaw)])
     shift = np.array([0.04 * yaw, 0.13 * yaw])
+    return _Pose(angle, scale, tx, ty, squash, shift)
 
+
+def _image_shapes(p: _Identity, static: tuple[list, list, list], rng: np.random.Generator) -> list:
+    """Every shape of one image, back to front: the identity's fixed ones, clothes, and this expression."""
     clothes = tuple(int(v) for v in rng.integers(0, 256, 3))
-    p = identity
     shoulders = (_ellipse(0.0, p.b * p.chin + 0.33, p.a * 1.9, 0.3, 28), _HEAD, clothes, 0.0)
     back, before, after = static
-    shapes = [*back, shoulders, *before, *_feature_shapes(p, rng), *after]
+    return [*back, shoulders, *before, *_feature_shapes(p, rng), *after]
 
+
+def _to_pixels(shapes: list, pose: _Pose, side: int) -> list[float]:
+    """All shape points, posed and scaled to the canvas, as one flat x, y list (one transform for all)."""
     pts = np.concatenate([s[0] for s in shapes])
     groups = np.concatenate([np.full(len(s[0]), s[1]) for s in shapes])
-    x = pts[:, 0] * squash[groups] + shift[groups]
+    x = pts[:, 0] * pose.squash[groups] + pose.shift[groups]
     y = pts[:, 1]
-    ca, sa = math.cos(angle) * scale, math.sin(angle) * scale
-    px = ((0.5 + tx) + x * ca - y * sa) * side
-    py = ((0.53 + ty) + x * sa + y * ca) * side
-    flat = np.stack([px, py], 1).ravel().tolist()
+    ca, sa = math.cos(pose.angle) * pose.scale, math.sin(pose.angle) * pose.scale
+    px = ((0.5 + pose.tx) + x * ca - y * sa) * side
+    py = ((0.53 + pose.ty) + x * sa + y * ca) * side
+    return np.stack([px, py], 1).ravel().tolist()
 
+
+def _draw_shapes(img: Image.Image, shapes: list, pose: _Pose, side: int) -> None:
+    """Paint the shapes in order: filled polygons, or lines whose width scales with the face."""
+    flat = _to_pixels(shapes, pose, side)
     draw = ImageDraw.Draw(img)
     k = 0
     for pts_s, _, colour, width in shapes:
@@ -583,16 +636,22 @@ def render_face(
         xy = flat[k:k + n]
         k += n
         if width:
-            draw.line(xy, fill=colour, width=max(1, int(round(width * side * scale))))
+            draw.line(xy, fill=colour, width=max(1, int(round(width * side * pose.scale))))
         else:
             draw.polygon(xy, fill=colour)
 
-    img = img.reduce(ss)
-    blur = u(0.0, 0.9) * image_size / 112.0
+
+def _blur(img: Image.Image, rng: np.random.Generator, image_size: int) -> Image.Image:
+    """A random focus blur, in proportion to the image size; too faint to see is skipped."""
+    blur = rng.uniform(0.0, 0.9) * image_size / 112.0
     if blur > 0.15:
         img = img.filter(ImageFilter.GaussianBlur(blur))
+    return img
 
-    # lighting: directional gradient, brightness, contrast, colour cast; then sensor noise
+
+def _light(img: Image.Image, rng: np.random.Generator, image_size: int) -> np.ndarray:
+    """Lighting (directional gradient, brightness, contrast, colour cast), then sensor noise: uint8."""
+    u = rng.uniform
     arr = np.asarray(img, dtype=np.float32)
     light_dir = u(0.0, 2 * np.pi)
     strength = u(0.0, 0.45)
@@ -604,6 +663,26 @@ def render_face(
     noise = rng.standard_normal(arr.shape, dtype=np.float32) * np.float32(sigma)
     out = (arr * gain * cast - 128.0) * np.float32(contrast) + np.float32(128.0 + brightness) + noise
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def render_face(
+    identity: _Identity,
+    static: tuple[list, list, list],
+    rng: np.random.Generator,
+    image_size: int,
+) -> np.ndarray:
+    """One image of ``identity`` under nuisance drawn from ``rng``: uint8 (S, S, 3), before JPEG.
+
+    Draws happen in a fixed order (background, pose, clothes and expression, blur,
+    lighting), which is what keeps a given seed's image byte-identical.
+    """
+    ss = 2 if image_size >= 64 else 4  # supersampling: the box-filter reduce antialiases every edge
+    side = image_size * ss
+    img = _background(rng, side)
+    pose = _draw_pose(rng)
+    _draw_shapes(img, _image_shapes(identity, static, rng), pose, side)
+    img = _blur(img.reduce(ss), rng, image_size)
+    return _light(img, rng, image_size)
 
 
 def _jpeg(arr: np.ndarray, quality: int) -> bytes:
@@ -757,6 +836,172 @@ def _write(path: Path, data: bytes) -> None:
         raise UserError(f"{path}: cannot write ({e.strerror or e}).", hint="Check free disk space and permissions.") from e
 
 
+def _checked_args(identities, test_identities, images_per_identity, image_size, seed, pairs_per_fold):
+    """The integer arguments, validated before anything touches the disk: (identities, test, k, size, seed)."""
+    identities = _at_least(identities, 2, "--identities", "a classifier needs two classes")
+    if identities > MAX_IDENTITIES:
+        raise UserError(f"--identities must be at most {MAX_IDENTITIES} (7-digit folder names); got {identities}.")
+    test_identities = _at_least(
+        test_identities, MIN_TEST_IDENTITIES, "--test-identities",
+        f"LFW's View 2 splits the test people into {FOLDS} disjoint folds of at least two people, "
+        f"and View 1 into disjoint DevTrain and DevTest people",
+    )
+    k = _at_least(images_per_identity, 2, "--images-per-identity", "matched pairs need two images of a person")
+    image_size = _at_least(image_size, 16, "--image-size", "smaller faces lose their features")
+    seed = _at_least(seed, 0, "--seed", "seeds are non-negative integers")
+    if pairs_per_fold is not None:
+        _at_least(pairs_per_fold, 1, "--pairs-per-fold", "each fold needs pairs")
+    return identities, test_identities, k, image_size, seed
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Everything a synthetic set is, decided (and validated) before its first byte is written."""
+
+    out: Path
+    identities: int
+    test_identities: int
+    k: int  # images per identity
+    image_size: int
+    seed: int
+    ids: list  # CASIA folder names of the training people
+    names: list  # LFW names of the test people
+    texts: dict  # {protocol file name: text}
+    counts: tuple  # (pairs per fold, DevTrain pairs, DevTest pairs)
+
+    @property
+    def train_dir(self) -> Path:
+        return self.out / CASIA_DIR
+
+    @property
+    def lfw_dir(self) -> Path:
+        return self.out / LFW_DIR
+
+    @property
+    def img_dir(self) -> Path:
+        return self.lfw_dir / LFW_IMAGES
+
+    def casia_file(self, _folder: str, n: int) -> str:
+        """001.jpg for image 0: 1-based, at least 3 digits, as in CASIA-WebFace."""
+        return f"{n + 1:0{max(3, len(str(self.k)))}d}.jpg"
+
+    def lfw_file(self, folder: str, n: int) -> str:
+        """Name_0001.jpg for image 0: 1-based, at least 4 digits, as in LFW."""
+        return f"{folder}_{n + 1:0{max(4, len(str(self.k)))}d}.jpg"
+
+    def marker_bytes(self) -> bytes:
+        """The JSON that says what wrote the set and how; written first as partial, last as complete."""
+        n_fold, n_dev_train, n_dev_test = self.counts
+        marker = {
+            "generator": "facecli synth",
+            "format": 1,
+            "seed": self.seed,
+            "identities": self.identities,
+            "test_identities": self.test_identities,
+            "images_per_identity": self.k,
+            "image_size": self.image_size,
+            "pairs_per_fold": n_fold,
+            "dev_train_pairs": n_dev_train,
+            "dev_test_pairs": n_dev_test,
+            "train_dir": CASIA_DIR,
+            "lfw_dir": LFW_DIR,
+        }
+        return (json.dumps(marker, indent=2, sort_keys=True) + "\n").encode("ascii")
+
+
+def _plan(out_dir, identities, test_identities, images_per_identity, image_size, seed, pairs_per_fold) -> _Plan:
+    """Validate every argument and draw names and protocol first, so a bad request writes nothing."""
+    identities, test_identities, k, image_size, seed = _checked_args(
+        identities, test_identities, images_per_identity, image_size, seed, pairs_per_fold
+    )
+    out = Path(out_dir).expanduser()
+    _check_out_dir(out)
+    names = lfw_names(test_identities, seed)
+    texts, counts = _protocol(names, k, seed, pairs_per_fold)  # validates --pairs-per-fold
+    return _Plan(
+        out=out, identities=identities, test_identities=test_identities, k=k, image_size=image_size,
+        seed=seed, ids=casia_ids(identities, seed), names=names, texts=texts, counts=counts,
+    )
+
+
+def _prepare_out_dir(plan: _Plan, marker_bytes: bytes) -> int:
+    """Claim OUT_DIR as an incomplete set and prune an earlier set's extra files; returns how many went."""
+    out = plan.out
+    casia_files = {i: {plan.casia_file(i, n) for n in range(plan.k)} for i in plan.ids}
+    lfw_files = {nm: {plan.lfw_file(nm, n) for n in range(plan.k)} for nm in plan.names}
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        _write(out / PARTIAL_MARKER, marker_bytes)
+        (out / MARKER).unlink(missing_ok=True)  # until the new set is complete, no marker claims it is
+        removed = _prune(plan.train_dir, casia_files, _ID_DIR_RE, lambda _: _ID_FILE_RE)
+        removed += _prune(plan.img_dir, lfw_files, _NAME_RE, lambda nm: re.compile(rf"^{re.escape(nm)}_\d{{4,}}\.jpg$"))
+        plan.img_dir.mkdir(parents=True, exist_ok=True)
+        plan.train_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{out}: cannot prepare the output folder ({e.strerror or e}).",
+                        hint="Check the path and its permissions.") from e
+    return removed
+
+
+def _write_people(
+    plan: _Plan,
+    split: int,
+    folders: list[str],
+    root: Path,
+    file_name: Callable[[str, int], str],
+    progress: Progress | None,
+) -> None:
+    """Render and write every image of every person of one split, one folder per person."""
+    for person, folder in enumerate(folders):
+        ident = identity_params(plan.seed, split, person)
+        static = _static_shapes(ident)
+        d = root / folder
+        try:
+            d.mkdir(exist_ok=True)
+        except OSError as e:
+            raise UserError(f"{d}: cannot create ({e.strerror or e}).",
+                            hint="Check free disk space and permissions.") from e
+        for n in range(plan.k):
+            data = face_image_bytes(ident, static, plan.seed, split, person, n, plan.image_size)
+            _write(d / file_name(folder, n), data)
+            if progress is not None:
+                progress(1)
+
+
+def _write_protocol(lfw_dir: Path, texts: dict) -> list[Path]:
+    """Write the pairs/people/names files beside lfw_funneled/, in name order; returns their paths."""
+    written = []
+    for fname in sorted(texts):
+        _write(lfw_dir / fname, texts[fname].encode("ascii"))
+        written.append(lfw_dir / fname)
+    return written
+
+
+def _mark_complete(out: Path, marker_bytes: bytes) -> None:
+    """Swap the partial marker for the final one: only now does the set claim to be whole."""
+    _write(out / MARKER, marker_bytes)
+    try:
+        (out / PARTIAL_MARKER).unlink(missing_ok=True)
+    except OSError as e:
+        raise UserError(f"{out / PARTIAL_MARKER}: cannot remove ({e.strerror or e}).",
+                        hint="Check the folder's permissions.") from e
+
+
+def _summary(plan: _Plan, written: list[Path], removed: int) -> SynthSummary:
+    """What was written, in the paths and counts the CLI reports and callers read back."""
+    n_fold, n_dev_train, n_dev_test = plan.counts
+    lfw_dir = plan.lfw_dir
+    return SynthSummary(
+        out_dir=plan.out, train_dir=plan.train_dir, lfw_dir=lfw_dir, lfw_images_dir=plan.img_dir,
+        pairs_file=lfw_dir / "pairs.txt", dev_train_pairs_file=lfw_dir / "pairsDevTrain.txt",
+        dev_test_pairs_file=lfw_dir / "pairsDevTest.txt", protocol_files=tuple(written),
+        marker_file=plan.out / MARKER, train_identities=plan.identities, train_images=plan.identities * plan.k,
+        test_identities=plan.test_identities, test_images=plan.test_identities * plan.k, pairs_per_fold=n_fold,
+        dev_train_pairs=n_dev_train, dev_test_pairs=n_dev_test, image_size=plan.image_size, seed=plan.seed,
+        removed_stale=removed,
+    )
+
+
 def generate_synthetic_set(
     out_dir,
     identities: int = 200,
@@ -777,98 +1022,11 @@ def generate_synthetic_set(
     rewrites it (byte-identical for the same arguments) and deletes files of the
     earlier set that the new one lacks.
     """
-    identities = _at_least(identities, 2, "--identities", "a classifier needs two classes")
-    if identities > MAX_IDENTITIES:
-        raise UserError(f"--identities must be at most {MAX_IDENTITIES} (7-digit folder names); got {identities}.")
-    test_identities = _at_least(
-        test_identities, MIN_TEST_IDENTITIES, "--test-identities",
-        f"LFW's View 2 splits the test people into {FOLDS} disjoint folds of at least two people, "
-        f"and View 1 into disjoint DevTrain and DevTest people",
-    )
-    k = _at_least(images_per_identity, 2, "--images-per-identity", "matched pairs need two images of a person")
-    image_size = _at_least(image_size, 16, "--image-size", "smaller faces lose their features")
-    seed = _at_least(seed, 0, "--seed", "seeds are non-negative integers")
-    if pairs_per_fold is not None:
-        _at_least(pairs_per_fold, 1, "--pairs-per-fold", "each fold needs pairs")
-
-    out = Path(out_dir).expanduser()
-    _check_out_dir(out)
-    names = lfw_names(test_identities, seed)
-    texts, (n_fold, n_dev_train, n_dev_test) = _protocol(names, k, seed, pairs_per_fold)  # validates first
-
-    train_dir, lfw_dir = out / CASIA_DIR, out / LFW_DIR
-    img_dir = lfw_dir / LFW_IMAGES
-    ids = casia_ids(identities, seed)
-    casia_w, lfw_w = max(3, len(str(k))), max(4, len(str(k)))  # 001.jpg, Name_0001.jpg (1-based)
-
-    def casia_file(_folder: str, n: int) -> str:
-        return f"{n + 1:0{casia_w}d}.jpg"
-
-    def lfw_file(folder: str, n: int) -> str:
-        return f"{folder}_{n + 1:0{lfw_w}d}.jpg"
-
-    casia_files = {i: {casia_file(i, n) for n in range(k)} for i in ids}
-    lfw_files = {nm: {lfw_file(nm, n) for n in range(k)} for nm in names}
-
-    marker = {
-        "generator": "facecli synth",
-        "format": 1,
-        "seed": seed,
-        "identities": identities,
-        "test_identities": test_identities,
-        "images_per_identity": k,
-        "image_size": image_size,
-        "pairs_per_fold": n_fold,
-        "dev_train_pairs": n_dev_train,
-        "dev_test_pairs": n_dev_test,
-        "train_dir": CASIA_DIR,
-        "lfw_dir": LFW_DIR,
-    }
-    marker_bytes = (json.dumps(marker, indent=2, sort_keys=True) + "\n").encode("ascii")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        _write(out / PARTIAL_MARKER, marker_bytes)
-        (out / MARKER).unlink(missing_ok=True)  # until the new set is complete, no marker claims it is
-        removed = _prune(train_dir, casia_files, _ID_DIR_RE, lambda _: _ID_FILE_RE)
-        removed += _prune(img_dir, lfw_files, _NAME_RE, lambda nm: re.compile(rf"^{re.escape(nm)}_\d{{4,}}\.jpg$"))
-        img_dir.mkdir(parents=True, exist_ok=True)
-        train_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"{out}: cannot prepare the output folder ({e.strerror or e}).",
-                        hint="Check the path and its permissions.") from e
-
-    def people(split: int, folders: list[str], root: Path, file_name: Callable[[str, int], str]) -> None:
-        for person, folder in enumerate(folders):
-            ident = identity_params(seed, split, person)
-            static = _static_shapes(ident)
-            d = root / folder
-            try:
-                d.mkdir(exist_ok=True)
-            except OSError as e:
-                raise UserError(f"{d}: cannot create ({e.strerror or e}).", hint="Check free disk space and permissions.") from e
-            for n in range(k):
-                _write(d / file_name(folder, n), face_image_bytes(ident, static, seed, split, person, n, image_size))
-                if progress is not None:
-                    progress(1)
-
-    people(_TRAIN, ids, train_dir, casia_file)
-    people(_TEST, names, img_dir, lfw_file)
-    written = []
-    for fname in sorted(texts):
-        _write(lfw_dir / fname, texts[fname].encode("ascii"))
-        written.append(lfw_dir / fname)
-    _write(out / MARKER, marker_bytes)
-    try:
-        (out / PARTIAL_MARKER).unlink(missing_ok=True)
-    except OSError as e:
-        raise UserError(f"{out / PARTIAL_MARKER}: cannot remove ({e.strerror or e}).",
-                        hint="Check the folder's permissions.") from e
-
-    return SynthSummary(
-        out_dir=out, train_dir=train_dir, lfw_dir=lfw_dir, lfw_images_dir=img_dir,
-        pairs_file=lfw_dir / "pairs.txt", dev_train_pairs_file=lfw_dir / "pairsDevTrain.txt",
-        dev_test_pairs_file=lfw_dir / "pairsDevTest.txt", protocol_files=tuple(written), marker_file=out / MARKER,
-        train_identities=identities, train_images=identities * k, test_identities=test_identities,
-        test_images=test_identities * k, pairs_per_fold=n_fold, dev_train_pairs=n_dev_train,
-        dev_test_pairs=n_dev_test, image_size=image_size, seed=seed, removed_stale=removed,
-    )
+    plan = _plan(out_dir, identities, test_identities, images_per_identity, image_size, seed, pairs_per_fold)
+    marker_bytes = plan.marker_bytes()
+    removed = _prepare_out_dir(plan, marker_bytes)
+    _write_people(plan, _TRAIN, plan.ids, plan.train_dir, plan.casia_file, progress)
+    _write_people(plan, _TEST, plan.names, plan.img_dir, plan.lfw_file, progress)
+    written = _write_protocol(plan.lfw_dir, plan.texts)
+    _mark_complete(plan.out, marker_bytes)
+    return _summary(plan, written, removed)
