@@ -176,7 +176,7 @@ class _MarginLogits(torch.autograd.Function):
         else:
             index, slope, cos, hard, t = ctx.saved_tensors
             g = torch.add(t * s, cos, alpha=2.0 * s)  # d/dc s c (t + c)
-            g = torch.where(hard, g, s).mul_(grad)
+            g = torch.where(hard, g, torch.as_tensor(s, dtype=g.dtype, device=g.device)).mul_(grad)
         g_y = grad.gather(1, index).squeeze(1) * (slope * s)
         g.scatter_(1, index, g_y.unsqueeze(1).to(g.dtype))
         return g, None, None, None, None, None, None
@@ -274,6 +274,9 @@ class MarginHead(Loss):
         # paper's head; the trainer ramps it from 0 (margin warm-up). A buffer, not a float, so
         # changing it neither syncs nor recompiles; not persistent, so checkpoints are unchanged.
         self.register_buffer("margin_weight", torch.ones((), dtype=torch.float32), persistent=False)
+        # The scale of the logits now: s, or during a scale warm-up lerp(warmup_scale, s, w).
+        self.register_buffer("scale_now", torch.full((), self.scale, dtype=torch.float32), persistent=False)
+        self.warmup_scale: float | None = None  # set by the trainer to ramp the scale in (None: s throughout)
 
     # -- to be provided by subclasses ------------------------------------------------------
     def _target(self, cos_y: Tensor) -> Tensor:
@@ -331,7 +334,7 @@ class MarginHead(Loss):
             target, slope = self._blend(cos_y, self._target(cos_y), None)
         # Rows without a local target rewrite column 0 with its own value.
         new = torch.where(valid, target, cos_y)
-        return _MarginLogits.apply(cos, index, new, slope, self.scale, None, None)
+        return _MarginLogits.apply(cos, index, new, slope, self._scale(), None, None)
 
     def _blend(self, cos_y: Tensor, target: Tensor, slope: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """Target and slope with ``margin_weight`` of the margin: SphereFace's annealing of the
@@ -343,8 +346,15 @@ class MarginHead(Loss):
         return target, slope
 
     def set_margin_weight(self, weight: float) -> None:
-        """Apply ``weight`` (0..1) of the margin from the next forward on (no host sync)."""
+        """Apply ``weight`` (0..1) of the margin from the next forward on (no host sync); with
+        ``warmup_scale`` set, the scale moves from it to s alongside."""
         self.margin_weight.fill_(float(weight))
+        low = self.scale if self.warmup_scale is None else min(self.warmup_scale, self.scale)
+        self.scale_now.fill_(low + float(weight) * (self.scale - low))
+
+    def _scale(self) -> float | Tensor:
+        """s as a float (the paper's head), or the warm-up's scale as a 0-dim tensor (no host sync)."""
+        return self.scale if self.warmup_scale is None else self.scale_now
 
     def loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """Mean cross-entropy of the margin logits."""
@@ -507,7 +517,7 @@ class CurricularFace(ArcFace):
         new = torch.where(valid, target, torch.where(hard_y, local_y * (t + local_y), local_y))
         if slope is not None:
             slope = torch.where(valid, slope, torch.where(hard_y, t + 2.0 * local_y, torch.ones_like(local_y)))
-        return _MarginLogits.apply(cos, index, new, slope, self.scale, t, cos_m.unsqueeze(1))
+        return _MarginLogits.apply(cos, index, new, slope, self._scale(), t, cos_m.unsqueeze(1))
 
 
 def _lookup(registry: dict, name: str, what: str):

@@ -35,7 +35,7 @@ def _profile_counts(train_dir: str, out: str, sharded: bool = False) -> dict:
     cfg = TrainConfig(
         model="curricularface" if sharded else "arcface", train_dir=train_dir, backbone="resnet18", image_size=32, batch_size=2,
         epochs=1, workers=0, device="cpu", checkpoints_dir=out, run_name="p", eval=False, wandb=False, log_every=10, lr=0.01,
-        sharded_head=sharded,
+        sharded_head=sharded, clip_grad_norm=5.0, scale_warmup=True,  # both run on the device too
     )
     trainer = Trainer(cfg, log=lambda m: None, warn=lambda m: None)
     assert trainer.steps_per_epoch > STEPS  # no epoch end (saves, checks) inside the window

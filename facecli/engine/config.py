@@ -82,6 +82,12 @@ class TrainConfig(BaseModel):
     margin_warmup_epochs: float | None = setting(
         None, "Ramp the loss's margin in from plain softmax over this many epochs (default: the first 30% of the run; 0: off).", ge=0
     )
+    clip_grad_norm: float | None = setting(
+        None, "Clip the network's gradient to this total L2 norm before each step (arcface_torch: 5; the head is not clipped).", gt=0
+    )
+    scale_warmup: bool = setting(
+        False, "During the margin warm-up, also ramp the logit scale, from AdaCos's sqrt(2) ln(C-1) for C classes up to s."
+    )
     seed: int = setting(0, "Random seed (data order, flips, initialisation).")
     # hardware
     device: str = setting("auto", "auto, cpu, cuda or cuda:N.", resume=True)

@@ -137,6 +137,7 @@ class StepRunner:
         self.device, self.amp = device, amp
         self.channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
         self.params = [p for g in parts.optimizer.param_groups for p in g["params"]]
+        self.net_params = list(parts.net.parameters())  # clipped; the head is not (arcface_torch's rule)
         self.one = torch.ones((), device=device)
         self._margin_weight: float | None = None
 
@@ -174,11 +175,18 @@ class StepRunner:
                     module.set_margin_weight(weight)
             self._margin_weight = weight
 
+    def _clip(self) -> None:
+        """Scale the network's gradients to a total norm of at most ``clip_grad_norm``, on the device (no sync)."""
+        torch.nn.utils.clip_grad_norm_(self.net_params, self.cfg.clip_grad_norm, error_if_nonfinite=False)
+
     def _update(self, global_loss: torch.Tensor) -> torch.Tensor:
         """Apply the update unless the loss or a gradient is not finite (decided on the device)."""
         opt, scaler = self.parts.optimizer, self.parts.scaler
         loss_bad = ~torch.isfinite(global_loss)
         if scaler.is_enabled():  # fp16: the scaler skips overflowing steps itself (and lowers its scale)
+            if self.cfg.clip_grad_norm:
+                scaler.unscale_(opt)
+                self._clip()
             scaler.step(opt)
             scaler.update()
             return loss_bad
@@ -188,6 +196,8 @@ class StepRunner:
         if self.parts.head.sharded:  # each rank holds other head rows: skip everywhere or nowhere
             dist.all_reduce(found, op=dist.ReduceOp.MAX)
         bad = (found > 0) | loss_bad
+        if self.cfg.clip_grad_norm:
+            self._clip()
         opt.grad_scale, opt.found_inf = None, bad.float()
         opt.step()
         return bad

@@ -8,6 +8,8 @@ loss, or a plugin's), or the class-sharded head under DDP: all share one interfa
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -73,6 +75,8 @@ def build_parts(cfg: TrainConfig, world, device: torch.device, amp: torch.dtype 
         dropout=cfg.dropout, image_size=cfg.image_size,
     )
     head = _head(cfg, world, len(classes))
+    if cfg.scale_warmup:
+        set_warmup_scale(head, adacos_scale(len(classes)))
     model = FaceModelForTraining(net, head).to(device)
     if cfg.channels_last if cfg.channels_last is not None else device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -87,6 +91,18 @@ def build_parts(cfg: TrainConfig, world, device: torch.device, amp: torch.dtype 
     scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
     warm = int(round(cfg.margin_warmup_epochs * spe))
     return RunParts(preprocess, dataset, classes, net, head, model, sampler, optimizer, schedule, scaler, warm)
+
+
+def adacos_scale(num_classes: int) -> float:
+    """AdaCos's fixed scale sqrt(2) ln(C - 1) (Zhang et al., CVPR 2019, Eq. 13): the scale at
+    which the softmax of C classes is neither flat nor saturated when all cosines are near 0."""
+    return math.sqrt(2.0) * math.log(max(num_classes - 1, 2))
+
+
+def set_warmup_scale(model: torch.nn.Module, scale: float) -> None:
+    for module in model.modules():
+        if hasattr(module, "warmup_scale"):
+            module.warmup_scale = scale
 
 
 def _preprocess(cfg: TrainConfig, resume_ckpt: dict | None) -> Preprocess:
