@@ -175,7 +175,7 @@ class _MarginLogits(torch.autograd.Function):
             g = grad * s
         else:
             index, slope, cos, hard, t = ctx.saved_tensors
-            g = torch.add(t * s, cos, alpha=2.0 * s)  # d/dc s c (t + c)
+            g = torch.add(t, cos, alpha=2.0).mul_(s)  # d/dc s c (t + c); s may be a tensor (scale warm-up)
             g = torch.where(hard, g, torch.as_tensor(s, dtype=g.dtype, device=g.device)).mul_(grad)
         g_y = grad.gather(1, index).squeeze(1) * (slope * s)
         g.scatter_(1, index, g_y.unsqueeze(1).to(g.dtype))
