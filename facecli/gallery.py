@@ -163,3 +163,20 @@ def check_model(gallery: Gallery, identity: dict, gallery_path: Path, model_path
             f"{gallery.identity.get('backbone')}); {model_path} has weights {got}.",
             hint=f"Identify with the gallery's model, or rebuild the gallery with {model_path}.",
         )
+
+
+def framing_mismatch(gallery: Gallery, probe_detector: str | None) -> str | None:
+    """A warning when the probes are framed unlike the enrolled faces (aligned vs as given).
+
+    A model scores faces framed alike; mixing detected, aligned crops with photos used as
+    given costs a large share of rank-1 (the README's raw-photos table), silently.
+    """
+    enrolled = gallery.detector
+    if (enrolled is None) == (probe_detector is None):
+        return None
+    if enrolled is not None:
+        return (f"the gallery was enrolled from detected, aligned faces ({enrolled}) but these photos are used as given; "
+                "add --detect so both are framed alike.")
+    return ("the gallery was enrolled from face crops used as given but these photos are detected and aligned; "
+            "drop --detect, or rebuild the gallery with --detect.")
+

@@ -174,6 +174,23 @@ def test_identify_ranks_the_enrolled_person_first_and_others_unknown(att_checkpo
     assert table.exit_code == 0 and "s1" in table.output and "Identification" in table.output
 
 
+@needs_detect
+@requires_shared(ATT_DIR)
+def test_identify_warns_when_probes_are_framed_unlike_the_gallery(att_checkpoint, tmp_path):
+    gallery = tmp_path / "g.npz"
+    assert cli("gallery", "build", att_checkpoint, _enrolment(tmp_path, ["s1", "s2"]), "--out", gallery, "--device", "cpu").exit_code == 0
+    probe = ATT_DIR / "s1" / "6.pgm"
+    alike = cli("identify", gallery, att_checkpoint, probe, "--threshold", "0.5", "--device", "cpu")
+    assert alike.exit_code == 0 and "framed alike" not in alike.output and "drop --detect" not in alike.output, alike.output
+    mixed = cli("identify", gallery, att_checkpoint, probe, "--detect", "--threshold", "0.5", "--device", "cpu")
+    assert mixed.exit_code == 0 and "enrolled from face crops used as given" in mixed.output, mixed.output
+    aligned = tmp_path / "aligned.npz"
+    built = cli("gallery", "build", att_checkpoint, _enrolment(tmp_path / "b", ["s1", "s2"]), "--detect", "--out", aligned, "--device", "cpu")
+    assert built.exit_code == 0, built.output
+    as_given = cli("identify", aligned, att_checkpoint, probe, "--threshold", "0.5", "--device", "cpu")
+    assert as_given.exit_code == 0 and "add --detect" in as_given.output, as_given.output
+
+
 @requires_shared(ATT_DIR)
 def test_identify_refuses_a_model_that_did_not_build_the_gallery(att_checkpoint, trained_checkpoint, tmp_path):
     gallery = tmp_path / "g.npz"

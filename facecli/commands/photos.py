@@ -161,7 +161,7 @@ def identify(
     """Who is this? The top-k enrolled people for each face, or "unknown" below the threshold."""
     from facecli.evaluation.embed_files import collect_images
     from facecli.faces import embed_photos
-    from facecli.gallery import check_model, identify as rank
+    from facecli.gallery import check_model, framing_mismatch, identify as rank
     from facecli.gallery import load_gallery
     from facecli.models import open_model
 
@@ -172,6 +172,9 @@ def identify(
     runner = open_model(model_path, dev)
     check_model(gallery, runner.identity, gallery_path, model_path)
     limit = _threshold(threshold, runner)
+    mismatch = framing_mismatch(gallery, det.name if det is not None else None)
+    if mismatch:
+        warn(mismatch)
     files, _, missing = collect_images(photos)
     found = embed_photos(runner, files, det, largest, dev, flip, batch_size, workers, _progress_factory)
     found.problems = missing + found.problems
