@@ -349,8 +349,8 @@ class MarginHead(Loss):
         """Apply ``weight`` (0..1) of the margin from the next forward on (no host sync); with
         ``warmup_scale`` set, the scale moves from it to s alongside."""
         self.margin_weight.fill_(float(weight))
-        low = self.scale if self.warmup_scale is None else min(self.warmup_scale, self.scale)
-        self.scale_now.fill_(low + float(weight) * (self.scale - low))
+        low = self.scale if self.warmup_scale is None or weight >= 1 else min(self.warmup_scale, self.scale)
+        self.scale_now.fill_(low + float(weight) * (self.scale - low))  # exactly s from weight 1 on
 
     def _scale(self) -> float | Tensor:
         """s as a float (the paper's head), or the warm-up's scale as a 0-dim tensor (no host sync)."""

@@ -137,3 +137,13 @@ def test_clip_grad_norm_bounds_the_networks_step_and_leaves_the_head_alone(synth
     assert clipped_net.norm() >= 1e-3 * (1 - 1e-3)  # scaled down to the limit, not zeroed
     assert F.cosine_similarity(free_net, clipped_net, dim=0) > 0.9999  # same direction
     assert torch.equal(free_head, clipped_head)
+
+
+def test_scale_warmup_is_on_by_default_and_off_without_a_margin_warmup(synth_train_dir, tmp_path):
+    quiet = dict(log=lambda _: None, warn=lambda _: None)
+    default = Trainer(_cfg(synth_train_dir, tmp_path, "default"), **quiet)
+    assert default.parts.head.warmup_scale == pytest.approx(adacos_scale(len(default.parts.classes)))
+    papers = Trainer(_cfg(synth_train_dir, tmp_path, "papers", margin_warmup_epochs=0.0), **quiet)  # the configs/ recipes
+    assert papers.parts.head.warmup_scale is None
+    papers.run(stop_after_steps=1)
+    assert papers.parts.head.scale_now.item() == 64.0 and papers.parts.head.margin_weight.item() == 1.0

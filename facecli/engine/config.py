@@ -86,7 +86,7 @@ class TrainConfig(BaseModel):
         None, "Clip the network's gradient to this total L2 norm before each step (arcface_torch: 5; the head is not clipped).", gt=0
     )
     scale_warmup: bool = setting(
-        False, "During the margin warm-up, also ramp the logit scale, from AdaCos's sqrt(2) ln(C-1) for C classes up to s."
+        True, "During the margin warm-up, also ramp the logit scale from AdaCos's sqrt(2) ln(C-1) (C classes) up to s (--no-scale-warmup: s from the start)."
     )
     seed: int = setting(0, "Random seed (data order, flips, initialisation).")
     # hardware

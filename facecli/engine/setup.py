@@ -75,7 +75,7 @@ def build_parts(cfg: TrainConfig, world, device: torch.device, amp: torch.dtype 
         dropout=cfg.dropout, image_size=cfg.image_size,
     )
     head = _head(cfg, world, len(classes))
-    if cfg.scale_warmup:
+    if cfg.scale_warmup and cfg.margin_warmup_epochs > 0:
         set_warmup_scale(head, adacos_scale(len(classes)))
     model = FaceModelForTraining(net, head).to(device)
     if cfg.channels_last if cfg.channels_last is not None else device.type == "cuda":
