@@ -92,46 +92,37 @@ def facecli(*args: str) -> None:
     cmd = [sys.executable, "-m", "facecli", *args]
     COMMANDS.append("facecli " + " ".join(shlex.quote(a) for a in args))
     print("\n$ " + COMMANDS[-1], flush=True)
-    done = subprocess.run(cmd, cwd=REPO)
+    done = subprocess.run(cmd, cwd=REPO, check=False)
     if done.returncode != 0:
         raise SystemExit(f"facecli {args[0]} failed with exit code {done.returncode}")
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    lfw = args.lfw.expanduser().resolve()
-    images = lfw / "lfw-deepfunneled"
-    needed = [images, lfw / "peopleDevTrain.txt", lfw / "peopleDevTest.txt", lfw / "pairsDevTrain.txt", lfw / "pairsDevTest.txt"]
+def check_lfw(lfw: Path) -> None:
+    needed = [lfw / "lfw-deepfunneled", *(lfw / f for f in ("peopleDevTrain.txt", "peopleDevTest.txt", "pairsDevTrain.txt", "pairsDevTest.txt"))]
     missing = [str(p) for p in needed if not p.exists()]
     if missing:
         raise SystemExit(f"LFW not found: missing {', '.join(missing)} (pass --lfw)")
 
+
+def training_people(lfw: Path, max_identities: int | None) -> list[tuple[str, int]]:
+    """DevTrain people (or the N with most images), checked disjoint from DevTest's."""
     train_people = read_people(lfw / "peopleDevTrain.txt")
     test_people = {name for name, _ in read_people(lfw / "peopleDevTest.txt")}
     overlap = {name for name, _ in train_people} & test_people
     if overlap:
         raise SystemExit(f"peopleDevTrain and peopleDevTest share {len(overlap)} people, e.g. {sorted(overlap)[:3]}")
     chosen = train_people
-    if args.max_identities is not None:
-        chosen = sorted(train_people, key=lambda p: (-p[1], p[0]))[: args.max_identities]
-        chosen.sort()
-    run_name = args.run_name or (
-        f"{args.model}-{args.backbone}-{args.image_size}px-{args.epochs}ep" + (f"-{len(chosen)}ids" if args.max_identities else "")
-    )
-    out = args.out.expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    identities = out / f"{run_name}.identities.txt"
-    identities.write_text("".join(f"{name}\n" for name, _ in chosen), encoding="utf-8")
+    if max_identities is not None:
+        chosen = sorted(sorted(train_people, key=lambda p: (-p[1], p[0]))[:max_identities])
     n_images = sum(n for _, n in chosen)
     print(f"Training people: {len(chosen)} of {len(train_people)} in peopleDevTrain.txt ({n_images} images); "
           f"test people (peopleDevTest.txt): {len(test_people)}, none shared.")
+    return chosen
 
-    checkpoints = out / "checkpoints"
-    run_dir = checkpoints / args.model / run_name
-    if (run_dir / "latest.pt").exists():
-        raise SystemExit(f"{run_dir} already holds a run: pass another --run-name or remove it")
+
+def train_command(args, lfw: Path, identities: Path, checkpoints: Path, run_name: str) -> list[str]:
     train = [
-        "train", args.model, "--train-dir", str(images), "--identities", str(identities), "--lfw-dir", str(lfw),
+        "train", args.model, "--train-dir", str(lfw / "lfw-deepfunneled"), "--identities", str(identities), "--lfw-dir", str(lfw),
         "--backbone", args.backbone, "--image-size", str(args.image_size), "--epochs", str(args.epochs),
         "--batch-size", str(args.batch_size), "--seed", str(args.seed),
         "--device", args.device, "--workers", str(args.workers), "--checkpoints-dir", str(checkpoints),
@@ -141,25 +132,50 @@ def main(argv=None) -> dict:
         train += ["--lr", str(args.lr)]
     if args.warmup_epochs is not None:
         train += ["--warmup-epochs", str(args.warmup_epochs)]
-    train += shlex.split(args.train_args)
+    return train + shlex.split(args.train_args)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    lfw = args.lfw.expanduser().resolve()
+    check_lfw(lfw)
+    chosen = training_people(lfw, args.max_identities)
+    run_name = args.run_name or (
+        f"{args.model}-{args.backbone}-{args.image_size}px-{args.epochs}ep" + (f"-{len(chosen)}ids" if args.max_identities else "")
+    )
+    out = args.out.expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    identities = out / f"{run_name}.identities.txt"
+    identities.write_text("".join(f"{name}\n" for name, _ in chosen), encoding="utf-8")
+    checkpoints = out / "checkpoints"
+    run_dir = checkpoints / args.model / run_name
+    if (run_dir / "latest.pt").exists():
+        raise SystemExit(f"{run_dir} already holds a run: pass another --run-name or remove it")
 
     t0 = time.perf_counter()
-    facecli(*train)
+    facecli(*train_command(args, lfw, identities, checkpoints, run_name))
     train_seconds = time.perf_counter() - t0
-    checkpoint = run_dir / "latest.pt"
-    threshold_json = run_dir / "view1.json"
     t1 = time.perf_counter()
     facecli(
-        "tune-threshold", str(checkpoint), "--lfw-dir", str(lfw), "--device", args.device,
-        "--workers", str(min(args.workers, 4)), "--save", "--json", str(threshold_json),
+        "tune-threshold", str(run_dir / "latest.pt"), "--lfw-dir", str(lfw), "--device", args.device,
+        "--workers", str(min(args.workers, 4)), "--save", "--json", str(run_dir / "view1.json"),
     )
-    eval_seconds = time.perf_counter() - t1
+    timing = {"train_seconds": round(train_seconds, 1), "eval_seconds": round(time.perf_counter() - t1, 1)}
+    result = collect_result(args, run_dir, len(chosen), timing)
+    print_table(result)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"Wrote {args.json}")
+    return result
 
-    view1 = json.loads(threshold_json.read_text())
+
+def collect_result(args, run_dir: Path, n_identities: int, timing: dict) -> dict:
+    """The run's recipe, figures and commands, read back from what the commands wrote."""
+    view1 = json.loads((run_dir / "view1.json").read_text())
     config = json.loads((run_dir / "config.json").read_text())
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     epoch_losses = [m["epoch_loss"] for m in metrics if "epoch_loss" in m]
-    result = {
+    return {
         "benchmark": "LFW View 1, unrestricted with no outside data",
         "protocol": "train on peopleDevTrain.txt people; threshold on pairsDevTrain.txt; accuracy on pairsDevTest.txt",
         "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -173,7 +189,7 @@ def main(argv=None) -> dict:
         "seed": args.seed,
         "device": config["device"],
         "amp": config["amp_dtype"],
-        "train_identities": len(chosen),
+        "train_identities": n_identities,
         "train_images": config["images"],
         "steps": max((int(m.get("step", 0)) for m in metrics), default=0),
         "final_epoch_loss": epoch_losses[-1] if epoch_losses else None,
@@ -182,19 +198,13 @@ def main(argv=None) -> dict:
         "dev_test_accuracy": view1["test_accuracy"],
         "dev_train_pairs": view1["train_pairs"],
         "dev_test_pairs": view1["test_pairs"],
-        "train_seconds": round(train_seconds, 1),
-        "eval_seconds": round(eval_seconds, 1),
-        "checkpoint": str(checkpoint),
+        **timing,
+        "checkpoint": str(run_dir / "latest.pt"),
         "commands": list(COMMANDS),
         "quick": args.quick,
         "python": platform.python_version(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
     }
-    print_table(result)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"Wrote {args.json}")
-    return result
 
 
 def print_table(r: dict) -> None:
