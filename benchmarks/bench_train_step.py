@@ -41,7 +41,7 @@ class Step:
         from facecli.backbones import EmbeddingNet
         from facecli.data.images import Preprocess
         from facecli.engine.optim import build_optimizer
-        from facecli.engine.trainer import FaceModelForTraining
+        from facecli.engine.setup import FaceModelForTraining
         from facecli.losses import build_head
 
         torch.manual_seed(seed)
@@ -80,7 +80,7 @@ class Step:
         import torch
 
         from facecli.data.images import normalize_batch
-        from facecli.engine.trainer import flip_batch
+        from facecli.engine.loop import flip_batch
 
         if self.naive:
             return self.float_images

@@ -1,12 +1,33 @@
-"""Finding runs on disk: ``<checkpoints>/<model>/<run-name>/{latest,min_loss,best}.pt``."""
+"""Runs on disk: ``<checkpoints>/<model>/<run-name>/{latest,min_loss,best,epoch_NNN}.pt``.
+
+Naming, creating and finding a run's folder, and the file names inside it, live here once.
+"""
 
 from __future__ import annotations
 
+import json
+from datetime import datetime
 from pathlib import Path
 
 from facecli.errors import UserError
 
-CHECKPOINT_NAMES = {"latest": "latest.pt", "min_loss": "min_loss.pt", "best": "best.pt"}
+LATEST, MIN_LOSS, BEST = "latest.pt", "min_loss.pt", "best.pt"
+CHECKPOINT_NAMES = {"latest": LATEST, "min_loss": MIN_LOSS, "best": BEST}  # ``resume --from`` choices
+RUN_NAME_FORMAT = "%Y%m%d-%H%M%S"  # the default run name: the start time
+
+
+def epoch_file(epoch: int) -> str:
+    """The file of the checkpoint written when ``epoch`` epochs are finished."""
+    return f"epoch_{epoch:03d}.pt"
+
+
+def is_run_name(name: str) -> bool:
+    """A run name is one folder name: no separators, not ``.`` or ``..``."""
+    return bool(name) and "/" not in name and "\\" not in name and name not in (".", "..")
+
+
+def default_run_name() -> str:
+    return datetime.now().strftime(RUN_NAME_FORMAT)
 
 
 def list_runs(checkpoints_dir: Path, model: str) -> list[Path]:
@@ -14,15 +35,15 @@ def list_runs(checkpoints_dir: Path, model: str) -> list[Path]:
     base = Path(checkpoints_dir) / model
     if not base.is_dir():
         return []
-    runs = [d for d in base.iterdir() if d.is_dir() and (d / "latest.pt").is_file()]
-    return sorted(runs, key=lambda d: (d / "latest.pt").stat().st_mtime, reverse=True)
+    runs = [d for d in base.iterdir() if d.is_dir() and (d / LATEST).is_file()]
+    return sorted(runs, key=lambda d: (d / LATEST).stat().st_mtime, reverse=True)
 
 
 def find_run_checkpoint(checkpoints_dir: Path, model: str, run: str | None, which: str) -> Path:
     """The checkpoint file ``resume`` starts from, or one clear error saying what exists."""
     base = Path(checkpoints_dir) / model
     if run is not None:
-        if "/" in run or "\\" in run or run in (".", ".."):
+        if not is_run_name(run):
             raise UserError(f"--run {run!r} is not a run name.")
         run_dir = base / run
         if not run_dir.is_dir():
@@ -80,3 +101,39 @@ def prepare_resume(checkpoints_dir: Path, model: str, run: str | None, which: st
             hint="Pass --epochs with a larger total to train further.",
         )
     return path, cfg, ckpt
+
+
+def new_run_dir(checkpoints_dir: Path, model: str, name: str, *, check_free: bool = True) -> Path:
+    """The folder of a new run named ``name``; refuses a bad name or one that holds a run."""
+    if not is_run_name(name):
+        raise UserError(f"--run-name {name!r} is not a plain name.", hint="Use letters, digits, '-', '_' or '.'.")
+    run_dir = Path(checkpoints_dir) / model / name
+    if check_free and (run_dir / LATEST).exists():
+        raise UserError(
+            f"Run directory {str(run_dir)!r} already holds a run.",
+            hint=f"Continue it with `facecli resume {model} --run {name}` or choose another --run-name.",
+        )
+    return run_dir
+
+
+def create_run_dir(run_dir: Path, checkpoints_dir) -> None:
+    """Make the run folder, or one clear error naming the setting to change."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(
+            f"Cannot create the run directory {str(run_dir)!r} under CHECKPOINTS_DIR / --checkpoints-dir "
+            f"{str(checkpoints_dir)!r} ({e.strerror or e}).",
+            hint="Point CHECKPOINTS_DIR or --checkpoints-dir at a writable folder.",
+        ) from e
+
+
+def write_run_record(run_dir: Path, cfg, record: dict) -> None:
+    """``config.json`` (what the run was: configuration and what it found) and ``config.yaml``
+    (the configuration alone, which ``train --config`` reads to start the run again)."""
+    from facecli.engine.checkpoint import atomic_write
+    from facecli.engine.config import CONFIG_FILE, dump_yaml
+
+    atomic_write(run_dir / "config.json", lambda f: f.write(json.dumps(record, indent=2).encode()))
+    text = f"# facecli train --config {CONFIG_FILE} starts this run again (add --run-name NEW).\n" + dump_yaml(cfg)
+    atomic_write(run_dir / CONFIG_FILE, lambda f: f.write(text.encode()))

@@ -29,7 +29,6 @@ import os
 import signal
 import threading
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
@@ -39,19 +38,18 @@ from facecli.data.device_decode import to_device_batch
 from facecli.data.folders import collate_samples
 from facecli.data.workers import resolve_workers
 from facecli.engine import distributed as dist_utils
+from facecli.engine import runs, stops
 from facecli.engine.checkpoint import load_checkpoint, new_checkpoint
 from facecli.engine.checkpointing import CheckpointManager, capture_rng, restore_rng
 from facecli.engine.config import TrainConfig
 from facecli.engine.device import amp_dtype, configure_backends, memory_report, resolve_device
-from facecli.engine.hooks import EpochEvaluationHook, FinalEvaluationHook, HealthHook, ProgressHook, TrackerHook
-from facecli.engine.loop import DeviceStats, Interval, StepRunner, flip_batch  # noqa: F401 (flip_batch: public)
-from facecli.engine.setup import FaceModelForTraining, bare_net, build_parts, wrap_for_ddp  # noqa: F401
+from facecli.engine.hooks import HookContext, Hooks, default_hooks
+from facecli.engine.loop import DeviceStats, Interval, StepRunner
+from facecli.engine.setup import bare_net, build_parts, wrap_for_ddp
 from facecli.engine.state import TrainState
 from facecli.engine.tracking import MetricsFile, Tracker, scrub
-from facecli.errors import TrainingStopped, UserError
+from facecli.errors import UserError
 
-STOP_EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
-OOM_EXIT_CODE = 5
 STEP = "facecli::step"
 
 
@@ -140,21 +138,12 @@ class Trainer:
         return device, world
 
     def _run_location(self, resume_from: Path | None) -> tuple[Path, str]:
-        cfg = self.cfg
         if resume_from:
             run_dir = Path(resume_from).resolve().parent
             return run_dir, run_dir.name
         # rank 0's timestamp on every rank (their clocks may straddle a second)
-        name = dist_utils.broadcast_object(cfg.run_name or datetime.now().strftime("%Y%m%d-%H%M%S"), self.world)
-        if not name or "/" in name or "\\" in name or name in (".", ".."):
-            raise UserError(f"--run-name {name!r} is not a plain name.", hint="Use letters, digits, '-', '_' or '.'.")
-        run_dir = Path(cfg.checkpoints_dir) / cfg.model / name
-        if self.world.is_main and (run_dir / "latest.pt").exists():
-            raise UserError(
-                f"Run directory {str(run_dir)!r} already holds a run.",
-                hint=f"Continue it with `facecli resume {cfg.model} --run {name}` or choose another --run-name.",
-            )
-        return run_dir, name
+        name = dist_utils.broadcast_object(self.cfg.run_name or runs.default_run_name(), self.world)
+        return runs.new_run_dir(self.cfg.checkpoints_dir, self.cfg.model, name, check_free=self.world.is_main), name
 
     def _tracker(self, factory) -> Tracker:
         if not self.world.is_main:
@@ -218,37 +207,21 @@ class Trainer:
     def _prepare_run_dir(self) -> None:
         if not self.world.is_main:
             return
-        try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UserError(
-                f"Cannot create the run directory {str(self.run_dir)!r} under CHECKPOINTS_DIR / --checkpoints-dir "
-                f"{str(self.cfg.checkpoints_dir)!r} ({e.strerror or e}).",
-                hint="Point CHECKPOINTS_DIR or --checkpoints-dir at a writable folder.",
-            ) from e
+        runs.create_run_dir(self.run_dir, self.cfg.checkpoints_dir)
         self.checkpoints.clear_temporaries()
-        self._write_config()
-
-    def _write_config(self) -> None:
-        import json
-
-        from facecli.engine.checkpoint import atomic_write
-        from facecli.engine.config import CONFIG_FILE, dump_yaml
-
-        data = {
+        parts = self.parts
+        record = {
             "config": scrub(self.cfg.to_dict()),
             "run_name": self.run_name,
-            "classes": len(self.parts.classes),
-            "images": len(self.parts.dataset),
-            "dataset": self.parts.dataset.describe(),
-            "preprocess": self.parts.preprocess.to_dict(),
+            "classes": len(parts.classes),
+            "images": len(parts.dataset),
+            "dataset": parts.dataset.describe(),
+            "preprocess": parts.preprocess.to_dict(),
             "world_size": self.world.world_size,
             "device": str(self.device),
             "amp_dtype": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "float32",
         }
-        atomic_write(self.run_dir / "config.json", lambda f: f.write(json.dumps(data, indent=2).encode()))
-        text = f"# facecli train --config {CONFIG_FILE} starts this run again (add --run-name NEW).\n" + dump_yaml(self.cfg)
-        atomic_write(self.run_dir / CONFIG_FILE, lambda f: f.write(text.encode()))
+        runs.write_run_record(self.run_dir, self.cfg, record)
 
     # ------------------------------------------------------------------ signals
     def _install_signal_handlers(self) -> dict:
@@ -282,22 +255,20 @@ class Trainer:
             kwargs.update(persistent_workers=True, prefetch_factor=4, worker_init_fn=_worker_init)
         return torch.utils.data.DataLoader(self.parts.dataset, **kwargs)
 
-    def _hooks(self) -> list:
-        if not self.world.is_main:
-            return []
-        hooks = [ProgressHook(self.progress_factory)] if self.progress_factory else []
-        return hooks + [HealthHook(), EpochEvaluationHook(), TrackerHook(), FinalEvaluationHook()]
-
-    def _emit(self, event: str, *args) -> None:
-        for hook in self.hooks:
-            getattr(hook, event)(self, *args)
+    def _hook_context(self) -> HookContext:
+        return HookContext(
+            cfg=self.cfg, state=self.state, run_dir=self.run_dir, run_name=self.run_name, steps_per_epoch=self.steps_per_epoch,
+            tracker=self.tracker, log=self.log, warn=self.warn, embedder=self.embedder, net=self.net,
+            dataset=self.parts.dataset, preprocess=self.preprocess, device=self.device,
+        )
 
     def run(self, stop_after_steps: int | None = None) -> TrainResult:
         """Train until ``cfg.epochs`` are done (or a signal, or ``stop_after_steps`` more steps)."""
         self._prepare_run_dir()
         dist_utils.barrier(self.world)
         previous = self._install_signal_handlers()
-        self.hooks = self._hooks()
+        self.hooks = default_hooks(self.progress_factory) if self.world.is_main else Hooks([])
+        self.ctx = self._hook_context()
         self.stats = DeviceStats(self.device, self.state.epoch_loss_sum, self.state.epoch_loss_count)
         self.runner = StepRunner(self.parts, self.forward_module, self.cfg, self.world, self.device, self.amp_dtype)
         try:
@@ -305,7 +276,7 @@ class Trainer:
             finished = self._train(self._loader(), stop_after_steps)
             result = TrainResult(self.run_dir, self.state.step, self.state.epoch, self.last_loss, self.state.min_loss)
             if finished and self.cfg.eval:
-                self._emit("train_end", result)
+                result.evaluation = self.hooks.train_end(self.ctx)
             dist_utils.barrier(self.world)
             return result
         finally:
@@ -332,7 +303,7 @@ class Trainer:
         done = 0
         while self.state.epoch < self.cfg.epochs:
             self.parts.sampler.set_epoch(self.state.epoch, self.state.batch_in_epoch)
-            self._emit("epoch_start")
+            self.hooks.epoch_start(self.ctx)
             for images, labels, bad in loader:
                 if self.cfg.decode == "gpu":
                     images, labels, bad = to_device_batch(images, labels, bad, self.preprocess, self.device)
@@ -347,7 +318,7 @@ class Trainer:
                     return False
                 every = self.cfg.checkpoint_every
                 if every and self.state.step % every == 0 and self.state.batch_in_epoch < self.steps_per_epoch:
-                    self._save(["latest.pt"])
+                    self._save([runs.LATEST])
             if self.state.batch_in_epoch >= self.steps_per_epoch:
                 self._end_epoch()
         return True
@@ -365,13 +336,13 @@ class Trainer:
             try:
                 loss, bad = self.runner(images, labels, s.step, sizes)
             except torch.OutOfMemoryError as e:
-                raise self._out_of_memory() from e
+                raise stops.out_of_memory(s.step + 1, self.cfg.batch_size, self.device, memory_report(self.device), self.run_dir) from e
             self.stats.add(loss, bad, s.step, n)
         s.step += 1
         s.batch_in_epoch += 1
         if s.step % self.cfg.log_every == 0:
             self._read([self.stats.start_read(s.step)])
-        self._emit("step_end")
+        self.hooks.step_end(self.ctx)
 
     def _read(self, intervals: list[Interval | None]) -> None:
         """Take in what the device counted: stop on a bad step, else log the intervals."""
@@ -379,7 +350,7 @@ class Trainer:
             if it is None:
                 continue
             if it.first_bad is not None:
-                raise self._bad_step(it)
+                raise stops.bad_step(it.first_bad, it.bad_loss, self.steps_per_epoch, self.run_dir, self.cfg.lr)
             self.state.epoch_loss_sum, self.state.epoch_loss_count = it.epoch_sum, it.epoch_count
             if it.mean_loss is not None:
                 self.last_loss = it.mean_loss
@@ -387,56 +358,29 @@ class Trainer:
                     "loss": it.mean_loss, "lr": self.parts.schedule.lr_at(it.step - 1), "images_per_sec": it.images_per_sec,
                     "epoch": it.step / self.steps_per_epoch, "step": it.step,
                 }
-                self._emit("interval", record)
+                self.hooks.interval(self.ctx, record)
 
     def _end_epoch(self) -> None:
         s = self.state
         self._read(self.stats.flush(s.step))
         mean, improved = s.end_epoch()
         self.stats.new_epoch()
-        record = {"epoch": s.epoch, "epoch_loss": mean}
-        names = ["latest.pt"] + (["min_loss.pt"] if improved else [])
-        self._emit("epoch_end", record, names)
-        self.checkpoints.save(self._checkpoint, names, epoch_file=f"epoch_{s.epoch:03d}.pt")
-        record["min_so_far"] = improved
-        self._emit("epoch_saved", record)
+        added = self.hooks.epoch_end(self.ctx, s.epoch)
+        names = [runs.LATEST] + ([runs.MIN_LOSS] if improved else []) + list(added.names)
+        self.checkpoints.save(self._checkpoint, names, epoch_file=runs.epoch_file(s.epoch))
+        record = {"epoch": s.epoch, "epoch_loss": mean, **added.figures, "min_so_far": improved}
+        self.hooks.epoch_saved(self.ctx, record)
         dist_utils.barrier(self.world)
 
     def _stop_here(self, by_limit: bool = False) -> None:
         """Save at this step boundary; a signal then ends the run with its exit code."""
-        s = self.state
-        if s.batch_in_epoch >= self.steps_per_epoch:
+        if self.state.batch_in_epoch >= self.steps_per_epoch:
             self._end_epoch()
         else:
-            self._save(["latest.pt"])
+            self._save([runs.LATEST])
         dist_utils.barrier(self.world)
-        if by_limit:
-            return
-        code = STOP_EXIT_CODES.get(self._stop_signal or signal.SIGINT, 130)
-        raise TrainingStopped(
-            f"Stopped at step {s.step} (epoch {s.epoch + 1}, batch {s.batch_in_epoch}); "
-            f"latest.pt saved. Continue with `facecli resume {self.cfg.model} --run {self.run_name} --from latest`.",
-            exit_code=code,
-        )
-
-    def _bad_step(self, it: Interval) -> TrainingStopped:
-        spe, cfg = self.steps_per_epoch, self.cfg
-        where = f"step {it.first_bad + 1} (epoch {it.first_bad // spe + 1}, batch {it.first_bad % spe + 1})"
-        what = f"Loss became {it.bad_loss}" if not _finite(it.bad_loss) else f"A gradient became non-finite (loss {it.bad_loss:.4f})"
-        return TrainingStopped(
-            f"{what} at {where}; that update was skipped and the run stopped. The last good checkpoint in {self.run_dir} is kept. "
-            f"Try a lower learning rate (e.g. --lr {cfg.lr / 10:g}) and resume or restart.",
-            exit_code=4,
-        )
-
-    def _out_of_memory(self) -> TrainingStopped:
-        cfg = self.cfg
-        return TrainingStopped(
-            f"Out of memory at step {self.state.step + 1} with --batch-size {cfg.batch_size} per process on {self.device} "
-            f"({memory_report(self.device)}). The last checkpoint in {self.run_dir} is kept. "
-            f"Lower --batch-size (e.g. {max(1, cfg.batch_size // 2)}), --image-size or the backbone, and restart or resume.",
-            exit_code=OOM_EXIT_CODE,
-        )
+        if not by_limit:
+            raise stops.stopped_by_signal(self._stop_signal, self.state, self.cfg.model, self.run_name)
 
     def _note_bad_images(self, reasons: list[str]) -> None:
         for reason in reasons:
@@ -448,8 +392,8 @@ class Trainer:
             if bad:
                 self.warn(f"Skipped {len(bad)} unreadable image(s) during training, e.g. {'; '.join(bad[:3])}. Delete or re-encode them.")
             self._save_loss_picture()
-        for hook in getattr(self, "hooks", []):
-            hook.close(self)
+        if hasattr(self, "hooks"):
+            self.hooks.close(self.ctx)
         self.tracker.close()
         dist_utils.shutdown(self.world)
 
@@ -461,6 +405,3 @@ class Trainer:
         except (OSError, ValueError, RuntimeError) as e:  # a picture must never hide the run's outcome
             self.warn(f"Could not draw {self.run_dir / 'loss.png'}: {e}")
 
-
-def _finite(x: float) -> bool:
-    return x == x and x not in (float("inf"), float("-inf"))
