@@ -510,7 +510,7 @@ def align(
 
 def _demo_parameters() -> list[inspect.Parameter]:
     from facecli.cli_config import _param, choice_type, config_options, load_plugins
-    from facecli.demo import DEMO_SETTINGS
+    from facecli.demo import DEMO_SETTINGS, HEAD_SETTINGS
     from facecli.engine.config import choices
 
     load_plugins()
@@ -522,7 +522,7 @@ def _demo_parameters() -> list[inspect.Parameter]:
         _param("test_identities", int, typer.Option(60, help="Synthetic held-out identities.")),
         _param("images_per_identity", int, typer.Option(20, help="Synthetic images per identity.")),
     ]
-    keys = set(DEMO_SETTINGS) - {"scale", "margin"}
+    keys = set(DEMO_SETTINGS) - set(HEAD_SETTINGS)
     return fixed + config_options(keys=keys, defaults=DEMO_SETTINGS)
 
 

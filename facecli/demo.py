@@ -27,6 +27,7 @@ from facecli.engine.trainer import Trainer
 from facecli.errors import UserError
 from facecli.evaluation.embedding import Embedder
 from facecli.evaluation.runner import evaluate_pair_set, lfw_pair_file
+from facecli.losses import HEADS, LOSSES
 
 
 def _marker(path: Path) -> dict:
@@ -44,6 +45,7 @@ DEMO_SETTINGS: dict = {
     "backbone": "resnet18", "epochs": 4, "image_size": 48, "batch_size": 64, "lr": 0.1, "workers": 2, "seed": 0,
     "scale": 30.0, "margin": 0.3,
 }
+HEAD_SETTINGS = ("scale", "margin")  # for margin heads only (not flags: tuned for this set)
 
 
 def _ensure_synthetic_set(data: Path, identities: int, test_identities: int, images_per_identity: int, seed: int, log, progress) -> None:
@@ -89,8 +91,9 @@ def run_demo(
     data = out_dir / "data"
     lfw_dir = data / "Labeled Faces in the Wild (LFW)"
     chosen = {**DEMO_SETTINGS, **(settings or {})}
-    if model == "facenet":
-        chosen.pop("scale"), chosen.pop("margin")
+    if str(model).strip().lower() not in HEADS:  # e.g. facenet: its margin is a distance, not an angle
+        for key in HEAD_SETTINGS:
+            chosen.pop(key)
     cfg = TrainConfig.build({  # first: a bad setting is reported before minutes of work
         **chosen, "model": model, "train_dir": str(data / "CASIA-webface"), "lfw_dir": str(lfw_dir), "device": "cpu",
         "checkpoints_dir": str(out_dir / "checkpoints"), "wandb": False, "eval": True,
@@ -98,7 +101,7 @@ def run_demo(
     _ensure_synthetic_set(data, identities, test_identities, images_per_identity, cfg.seed, log, progress)
     pairs = read_pairs(lfw_pair_file(lfw_dir, "pairs.txt"), find_image_root(lfw_dir))
     torch.manual_seed(cfg.seed)
-    untrained_net = EmbeddingNet(cfg.backbone, cfg.embedding_dim, normalize=model == "facenet", image_size=cfg.image_size).eval()
+    untrained_net = EmbeddingNet(cfg.backbone, cfg.embedding_dim, normalize=LOSSES[cfg.model].normalize_embeddings, image_size=cfg.image_size).eval()
     log("Measuring the untrained network on the held-out View 2 pairs...")
     workers = resolve_workers(cfg.workers)
     untrained = evaluate_pair_set(Embedder(untrained_net, Preprocess(cfg.image_size), "cpu", batch_size=256, workers=workers), pairs, progress, name="untrained")

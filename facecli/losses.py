@@ -101,21 +101,22 @@ class HParam:
     def check(self, value, owner: str) -> float:
         """``value`` as a float inside the range, or a one-line UserError naming ``owner`` and the option."""
         number = _real(value, self.name, owner)
+        problem = self.range_problem(number)
+        if problem:
+            raise UserError(f"{owner}: {self.option} {problem}")
+        return number
+
+    def range_problem(self, number: float) -> str | None:
+        """What is wrong with ``number`` (e.g. "must be in [0, 1]; got margin 1.5. The default is 0.5."),
+        or None: the one wording of a range error, for the API and for flags and config files."""
         low_bad = self.low is not None and (number <= self.low if self.low_open else number < self.low)
         high_bad = self.high is not None and (number >= self.high if self.high_open else number > self.high)
-        if low_bad or high_bad:
-            raise UserError(f"{owner}: {self.name} {number:g} is out of range; it must be {self.rule()}.", hint=self.advice())
-        return number
+        if not (low_bad or high_bad):
+            return None
+        return f"must be {self.rule()}; got {self.name} {number:g}. {self.advice()}"
 
     def advice(self) -> str:
         return f"The default is {self.default:g}." + (f" {self.hint}" if self.hint else "")
-
-    def in_range(self, value) -> bool:
-        try:
-            self.check(value, "")
-        except UserError:
-            return False
-        return True
 
 
 def _fmt(x: float) -> str:
@@ -185,19 +186,32 @@ class _MarginLogits(torch.autograd.Function):
 class Loss(nn.Module):
     """A training loss: ``loss(embeddings, labels)`` -> scalar. What the trainer knows of a model.
 
-    Class attributes tell the trainer what the loss needs: the embedding size it defaults
-    to, whether the network L2-normalises its output, the batch layout (``"pk"``: P
-    identities x K images) and whether its weights can be sharded across processes.
-    The checkpoint methods are the interface the class-sharded head shares.
+    Class attributes are its capabilities: what it needs from the engine, which asks for
+    them and never for a concrete class. The checkpoint methods are the interface the
+    class-sharded head shares.
     """
 
     name: str = ""
     label: str = ""  # how messages name it (default: its registered name)
     default_embedding_dim: int = 512
+    # The network L2-normalises its output (a loss on distances, FaceNet's).
     normalize_embeddings: bool = False
+    # Needs the embedding's norm (AdaFace, MagFace): the network must not normalise, and a
+    # class-sharded head, which normalises before it splits the classes, cannot hold it.
+    needs_embedding_norm: bool = False
+    # How a batch is drawn: "shuffled", or "pk" (P identities x K images).
     batch_layout: str = "shuffled"
+    # Its class weights can be split across processes (engine/sharded_head.py).
     shardable: bool = False
+    # Statistics of the target cosines (CurricularFace's t) must follow the global batch:
+    # under DDP the engine hands it ``follow_global_batch``; sharded, every row's target
+    # cosine goes to ``logits_from_cos(..., target_cos=...)``.
+    needs_global_target_cosines: bool = False
     sharded: bool = False
+
+    def follow_global_batch(self, mean_over_ranks: Callable[[Tensor], Tensor]) -> None:
+        """Under DDP: the mean over every process of a value (for losses that
+        ``needs_global_target_cosines``; the others need nothing)."""
 
     @classmethod
     def hyper_parameters(cls) -> tuple[HParam, ...]:
@@ -374,6 +388,8 @@ def _registrar(registry: dict, base: type, what: str, also: Callable | None = No
                 raise TypeError(f"@{what}({name!r}) must decorate a {base.__name__} subclass, got {cls!r}")
             if name in registry and registry[name] is not cls:
                 raise ValueError(f"a {'margin head' if base is MarginHead else 'loss'} named {name!r} is already registered ({registry[name].__name__})")
+            if getattr(cls, "needs_embedding_norm", False) and (cls.normalize_embeddings or cls.shardable):
+                raise TypeError(f"@{what}({name!r}): a loss that needs the embedding norm cannot have it normalised away or sharded")
             if also is not None:
                 also(name)(cls)
             cls.name = name
@@ -475,10 +491,14 @@ class CurricularFace(ArcFace):
 
     A hard negative's logit becomes s cos_j (t + cos_j), where t tracks the mean target cosine
     (exponential moving average, updated in training mode only): easy early, harder later.
-    Under DDP, ``mean_over_ranks`` (set by the trainer) makes t follow the global batch.
+    Under DDP, ``follow_global_batch`` (called by the engine) makes t follow the global batch.
     """
 
     mean_over_ranks: Callable[[Tensor], Tensor] | None = None
+    needs_global_target_cosines = True
+
+    def follow_global_batch(self, mean_over_ranks: Callable[[Tensor], Tensor]) -> None:
+        self.mean_over_ranks = mean_over_ranks  # t follows the global batch, not this process's
 
     @classmethod
     def hyper_parameters(cls) -> tuple[HParam, ...]:

@@ -158,9 +158,8 @@ class TrainConfig(BaseModel):
                 extra[h.option] = h.default
             elif not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise _FieldError(h.option, "must be a number", got=value)
-            elif not h.in_range(value):
-                label = loss.label or self.model
-                raise _FieldError(h.option, f"must be {h.rule()}; got {h.name} {value:g}. {h.advice()}", owner=label)
+            elif (problem := h.range_problem(float(value))) is not None:
+                raise _FieldError(h.option, problem, owner=loss.label or self.model)
             else:
                 extra[h.option] = float(value)
 

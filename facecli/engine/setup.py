@@ -26,7 +26,7 @@ from facecli.engine import distributed as dist_utils
 from facecli.engine.config import TrainConfig
 from facecli.engine.optim import Schedule, build_optimizer
 from facecli.errors import UserError
-from facecli.losses import LOSSES, CurricularFace, Loss, build_loss
+from facecli.losses import LOSSES, Loss, build_loss
 
 IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
@@ -154,9 +154,8 @@ def wrap_for_ddp(parts: RunParts, world, device: torch.device, sync_bn: bool) ->
         parts.model.net = DDP(convert(parts.net), device_ids=ids)
         parts.model.net.register_comm_hook(None, dist_utils.allreduce_sum_hook)
         return parts.model
-    for module in parts.model.modules():
-        if isinstance(module, CurricularFace):
-            module.mean_over_ranks = dist_utils.mean_over_ranks  # t follows the global batch, not rank 0's
+    if parts.head.needs_global_target_cosines:
+        parts.head.follow_global_batch(dist_utils.mean_over_ranks)
     parts.model = convert(parts.model)
     return DDP(parts.model, device_ids=ids)
 

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from facecli.engine.distributed import World
 from facecli.errors import CheckpointError, UserError
-from facecli.losses import CurricularFace, build_head
+from facecli.losses import build_head
 
 # Up to this many weights, the shard is cut from a full matrix drawn exactly as the unsharded
 # head draws it, so --sharded-head does not change a run. Beyond it, drawing the full matrix
@@ -176,7 +176,7 @@ class ShardedMarginHead(nn.Module):
         mine = (y >= self.start) & (y < self.end)
         local_y = torch.where(mine, y - self.start, torch.full_like(y, -1))
         target_cos = None
-        if isinstance(self.local, CurricularFace):
+        if self.local.needs_global_target_cosines:
             with torch.no_grad():
                 own = cos.gather(1, local_y.clamp_min(0).unsqueeze(1)).squeeze(1)
                 target_cos = torch.where(mine, own, torch.zeros_like(own))
