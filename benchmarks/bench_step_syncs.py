@@ -44,7 +44,7 @@ def parts_for(backbone: str, classes: int, image_size: int, device, seed: int = 
     model = FaceModelForTraining(net, build_loss("arcface", 512, classes)).to(device)
     return SimpleNamespace(
         model=model, net=net, head=model.head, preprocess=Preprocess(image_size), schedule=Schedule("constant", 0.1, 10**6, 1000),
-        scaler=torch.amp.GradScaler("cuda", enabled=False), margin_warmup_steps=0,
+        scaler=torch.amp.GradScaler("cuda", enabled=False), margin_warmup_steps=0, channels_last=torch.device(device).type == "cuda",
         optimizer=build_optimizer("sgd", model.parameters(), 0.1, 5e-4, 0.9),
     )
 
@@ -89,7 +89,7 @@ class After:
         from facecli.engine.distributed import World
         from facecli.engine.loop import DeviceStats, StepRunner
 
-        cfg = SimpleNamespace(channels_last=None, seed=0, batch_size=0)
+        cfg = SimpleNamespace(seed=0, batch_size=0)
         self.runner = StepRunner(parts, parts.model, cfg, World(), device, None)
         self.stats = DeviceStats(device)
 

@@ -21,7 +21,9 @@ import typer
 from rich.markup import escape
 
 from facecli import __version__
+from facecli.engine.runs import CHECKPOINT_NAMES
 from facecli.errors import TrainingStopped, UserError
+from facecli.hardware import DEVICE_HELP
 from facecli.ui import console, err_console, progress, warn
 
 app = typer.Typer(
@@ -36,10 +38,7 @@ app = typer.Typer(
 _state = {"debug": False}
 
 
-class ResumeFrom(str, Enum):
-    latest = "latest"
-    min_loss = "min_loss"
-    best = "best"
+ResumeFrom = Enum("ResumeFrom", {name: name for name in CHECKPOINT_NAMES}, type=str)  # resume --from
 
 
 class DetectorName(str, Enum):
@@ -316,7 +315,7 @@ def eval_lfw(
     bin: Optional[Path] = typer.Option(None, "--bin", help="Evaluate an insightface lfw.bin instead of image folders."),
     flip: bool = typer.Option(True, "--flip/--no-flip", help="Flip test-time augmentation."),
     batch_size: Optional[int] = typer.Option(None, help="Embedding batch size (default: 1024 on GPU, 128 on CPU)."),
-    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda or cuda:N."),
+    device: Optional[str] = typer.Option(None, help=f"{DEVICE_HELP}."),
     workers: str = typer.Option("auto", help=WORKERS_HELP),
     allow_missing: bool = typer.Option(False, help="Evaluate even if some pair images are missing (they are counted)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the figures to this JSON file (pictures go beside it)."),

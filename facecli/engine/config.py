@@ -22,6 +22,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from facecli.errors import UserError
+from facecli.hardware import DEVICE_HELP, is_device_name
 
 # Registries the choices of a field come from, resolved when asked (plugins may add to them).
 _CHOICES = {
@@ -90,7 +91,7 @@ class TrainConfig(BaseModel):
     )
     seed: int = setting(0, "Random seed (data order, flips, initialisation).")
     # hardware
-    device: str = setting("auto", "auto, cpu, cuda or cuda:N.", resume=True)
+    device: str = setting("auto", f"{DEVICE_HELP}.", resume=True)
     amp: bool = setting(True, "Mixed precision on CUDA (bf16 where the GPU has it, else fp16 with loss scaling).", resume=True)
     amp_dtype: Literal["auto", "bf16", "fp16"] = setting("auto", "Mixed-precision type on CUDA: auto (bf16 where native, else fp16), bf16, or fp16 (with a GradScaler).")
     channels_last: bool | None = setting(None, "NHWC memory layout (default: on for CUDA).")
@@ -124,7 +125,9 @@ class TrainConfig(BaseModel):
         if self.embedding_dim is None:
             self.embedding_dim = loss.default_embedding_dim
         if self.lr is None:
-            self.lr = 1e-3 if self.optimizer == "adamw" else 0.1
+            from facecli.engine.optim import DEFAULT_LR
+
+            self.lr = DEFAULT_LR[self.optimizer]
         if not math.isfinite(self.lr):
             raise _FieldError("lr", f"must be {_rule(TrainConfig.model_fields['lr'], float)}")
         if self.margin_warmup_epochs is None:
@@ -135,8 +138,8 @@ class TrainConfig(BaseModel):
             raise _FieldError("milestones", "epochs must be positive")
         if self.sharded_head and not loss.shardable:
             raise _FieldError("sharded_head", f"applies to margin heads, not {self.model}")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise _FieldError("device", f": Unknown device {self.device!r}. Use auto, cpu, cuda or cuda:N", got=None)
+        if not is_device_name(self.device):
+            raise _FieldError("device", f": Unknown device {self.device!r}. Use {DEVICE_HELP}", got=None)
         self._resolve_loss_options(loss)
         return self
 
@@ -169,18 +172,6 @@ class TrainConfig(BaseModel):
         from facecli.losses import LOSSES
 
         return {h.name: self.__pydantic_extra__[h.option] for h in LOSSES[self.model].hyper_parameters()}
-
-    def head_hparams(self) -> dict[str, float]:  # the name older code and tests use
-        return self.loss_hparams()
-
-    def __getattr__(self, name: str):
-        """``cfg.margin``, ``cfg.scale``: the loss's options read like fields (None where the loss has none)."""
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name in _loss_option_names():
-                return None
-            raise
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump()

@@ -135,7 +135,6 @@ class StepRunner:
     def __init__(self, parts, forward_module, cfg, world, device: torch.device, amp: torch.dtype | None):
         self.parts, self.forward_module, self.cfg, self.world = parts, forward_module, cfg, world
         self.device, self.amp = device, amp
-        self.channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
         self.params = [p for g in parts.optimizer.param_groups for p in g["params"]]
         self.net_params = list(parts.net.parameters())  # clipped; the head is not (arcface_torch's rule)
         self.one = torch.ones((), device=device)
@@ -163,7 +162,7 @@ class StepRunner:
         cfg = self.cfg
         x = normalize_batch(images.to(self.device, non_blocking=True), self.parts.preprocess)
         x = flip_batch(x, cfg.seed, step, self.world.rank * cfg.batch_size, cfg.batch_size * self.world.world_size)
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        return x.contiguous(memory_format=torch.channels_last) if self.parts.channels_last else x
 
     def _set_margin_weight(self, step: int) -> None:
         from facecli.engine.optim import margin_weight_at

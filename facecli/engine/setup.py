@@ -56,6 +56,7 @@ class RunParts:
     schedule: Schedule
     scaler: torch.amp.GradScaler
     margin_warmup_steps: int
+    channels_last: bool  # images and weights in NHWC (cfg.channels_last; default: on CUDA)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -78,7 +79,8 @@ def build_parts(cfg: TrainConfig, world, device: torch.device, amp: torch.dtype 
     if cfg.scale_warmup and cfg.margin_warmup_epochs > 0:
         set_warmup_scale(head, adacos_scale(len(classes)))
     model = FaceModelForTraining(net, head).to(device)
-    if cfg.channels_last if cfg.channels_last is not None else device.type == "cuda":
+    channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if world.distributed:
         # Same initial weights everywhere (DDP also broadcasts rank 0's), then per-rank
@@ -90,7 +92,7 @@ def build_parts(cfg: TrainConfig, world, device: torch.device, amp: torch.dtype 
     schedule = Schedule(cfg.scheduler, cfg.lr, cfg.epochs * spe, spe, cfg.warmup_epochs, cfg.milestones)
     scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
     warm = int(round(cfg.margin_warmup_epochs * spe))
-    return RunParts(preprocess, dataset, classes, net, head, model, sampler, optimizer, schedule, scaler, warm)
+    return RunParts(preprocess, dataset, classes, net, head, model, sampler, optimizer, schedule, scaler, warm, channels_last)
 
 
 def adacos_scale(num_classes: int) -> float:
