@@ -109,7 +109,7 @@ def main(argv=None) -> int:
     from facecli.data.folders import IdentityFolderDataset, collate_samples
     from facecli.data.images import Preprocess, normalize_batch
     from facecli.data.workers import resolve_workers, usable_cpus
-    from facecli.engine.loop import flip_batch
+    from facecli.engine.step import flip_batch
 
     device = C.resolve_device(args.device)
     folder = find_folder(args.folder, args.quick)

@@ -5,7 +5,7 @@
 
 Each configuration starts its processes afresh (``torch.multiprocessing.spawn``, one intra-op
 thread each on the CPU, one GPU each on CUDA), builds the trainer's model (EmbeddingNet +
-ArcFace head in ``FaceModelForTraining``), wraps it in DDP exactly as ``Trainer._wrap_ddp``
+ArcFace head in ``NetWithLoss``), wraps it in DDP exactly as ``setup.wrap_for_ddp``
 does when there is more than one process, and times steady-state steps of the trainer's
 step (bench_train_step.Step) plus the trainer's per-step stop-flag all-reduce. A world of one
 runs without DDP, as ``facecli train`` does. Configurations alternate round by round.

@@ -7,7 +7,7 @@
 around it): normalisation constants built on the device every step, flip coins drawn on the
 host and copied with a blocking ``.to()``, the loss read with ``float()`` before
 ``backward()`` for the non-finite check, foreach SGD. ``after`` is today's
-``facecli.engine.loop.StepRunner`` with its ``DeviceStats``, read once per 10 steps. Both
+``facecli.engine.step.StepRunner`` with its ``DeviceStats``, read once per 10 steps. Both
 train the same network on the same batch; rounds alternate. Host reads are counted with
 torch.profiler (``aten::_local_scalar_dense``, ``aten::item``, ``aten::is_nonzero``, and the
 loop's named read). On a CPU the reads cost little (nothing runs ahead to wait for); the
@@ -36,12 +36,12 @@ def parts_for(backbone: str, classes: int, image_size: int, device, seed: int = 
     from facecli.backbones import EmbeddingNet
     from facecli.data.images import Preprocess
     from facecli.engine.optim import Schedule, build_optimizer
-    from facecli.engine.setup import FaceModelForTraining
+    from facecli.engine.setup import NetWithLoss
     from facecli.losses import build_loss
 
     torch.manual_seed(seed)
     net = EmbeddingNet(backbone, 512, image_size=image_size)
-    model = FaceModelForTraining(net, build_loss("arcface", 512, classes)).to(device)
+    model = NetWithLoss(net, build_loss("arcface", 512, classes)).to(device)
     return SimpleNamespace(
         model=model, net=net, head=model.head, preprocess=Preprocess(image_size), schedule=Schedule("constant", 0.1, 10**6, 1000),
         scaler=torch.amp.GradScaler("cuda", enabled=False), margin_warmup_steps=0, channels_last=torch.device(device).type == "cuda",
@@ -87,7 +87,7 @@ class After:
 
     def __init__(self, parts, device):
         from facecli.engine.distributed import World
-        from facecli.engine.loop import DeviceStats, StepRunner
+        from facecli.engine.step import DeviceStats, StepRunner
 
         cfg = SimpleNamespace(seed=0, batch_size=0)
         self.runner = StepRunner(parts, parts.model, cfg, World(), device, None)

@@ -41,7 +41,7 @@ class Step:
         from facecli.backbones import EmbeddingNet
         from facecli.data.images import Preprocess
         from facecli.engine.optim import build_optimizer
-        from facecli.engine.setup import FaceModelForTraining
+        from facecli.engine.setup import NetWithLoss
         from facecli.losses import build_head
 
         torch.manual_seed(seed)
@@ -63,7 +63,7 @@ class Step:
             # a first version normalises float images outside the step (ToTensor + Normalize in the loader)
             self.float_images = ((self.images.float() / 255.0) - 0.5) / 0.5
         else:
-            self.model = FaceModelForTraining(net, build_head(head, 512, classes)).to(device)
+            self.model = NetWithLoss(net, build_head(head, 512, classes)).to(device)
             if channels_last:
                 self.model = self.model.to(memory_format=torch.channels_last)
             self.optimizer = build_optimizer("sgd", self.model.parameters(), 0.1, 5e-4, 0.9)
@@ -80,7 +80,7 @@ class Step:
         import torch
 
         from facecli.data.images import normalize_batch
-        from facecli.engine.loop import flip_batch
+        from facecli.engine.step import flip_batch
 
         if self.naive:
             return self.float_images

@@ -70,8 +70,8 @@ _SIN2_FLOOR = 1e-12
 @dataclass(frozen=True)
 class HParam:
     """A hyper-parameter a loss declares. ``name`` is the constructor keyword (and the key in
-    checkpoints); ``key`` the flag and config key where ``name`` would clash with a training
-    setting (CurricularFace's ``momentum`` is ``curricular_momentum``)."""
+    checkpoints); ``option`` the flag and config key, ``name`` unless that would clash with
+    a training setting (CurricularFace's ``momentum`` is ``curricular_momentum``)."""
 
     name: str
     default: float
@@ -80,12 +80,12 @@ class HParam:
     high: float | None = None
     low_open: bool = False
     high_open: bool = False
-    key: str | None = None
+    option: str = ""  # default: ``name``
     hint: str = ""  # advice added to a range error
 
-    @property
-    def option(self) -> str:
-        return self.key or self.name
+    def __post_init__(self):
+        if not self.option:
+            object.__setattr__(self, "option", self.name)
 
     def rule(self) -> str:
         lo = None if self.low is None else ("(" if self.low_open else "[") + _fmt(self.low)
@@ -503,7 +503,7 @@ class CurricularFace(ArcFace):
     @classmethod
     def hyper_parameters(cls) -> tuple[HParam, ...]:
         return super().hyper_parameters() + (
-            HParam("momentum", 0.01, "CurricularFace's momentum of t, the running mean target cosine", 0.0, 1.0, key="curricular_momentum"),
+            HParam("momentum", 0.01, "CurricularFace's momentum of t, the running mean target cosine", 0.0, 1.0, option="curricular_momentum"),
         )
 
     def __init__(self, embedding_dim: int, num_classes: int, **hparams):

@@ -403,7 +403,7 @@ def test_resume_removes_temporary_files_of_a_killed_save(synth_root, tmp_path):
 def test_out_of_memory_is_one_line_and_keeps_the_last_checkpoint(tmp_path, synth_root, monkeypatch):
     """A CUDA out-of-memory error in a step (injected here on the CPU) is one line with the step,
     the batch size, the memory and what to lower; exit 5; the checkpoint of epoch 1 stays."""
-    from facecli.engine.loop import StepRunner
+    from facecli.engine.step import StepRunner
 
     real = StepRunner.__call__
 

@@ -28,7 +28,7 @@ def _profile_counts(train_dir: str, out: str, sharded: bool = False) -> dict:
     import torch
 
     from facecli.engine.config import TrainConfig
-    from facecli.engine.loop import HOST_READ
+    from facecli.engine.step import HOST_READ
     from facecli.engine.trainer import STEP, Trainer
 
     torch.set_num_threads(1)

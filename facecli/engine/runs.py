@@ -70,7 +70,9 @@ def find_run_checkpoint(checkpoints_dir: Path, model: str, run: str | None, whic
     return path
 
 
-RESUME_KEYS = ("train_config", "epoch", "batch_in_epoch", "step", "optimizer_state")
+# What a checkpoint must hold to be resumed (an exported model has none of it). Not the
+# settings `resume` may change: those are TrainConfig fields marked ``resume``.
+TRAINING_STATE_KEYS = ("train_config", "epoch", "batch_in_epoch", "step", "optimizer_state")
 
 
 def prepare_resume(checkpoints_dir: Path, model: str, run: str | None, which: str, overrides: dict | None = None):
@@ -86,7 +88,7 @@ def prepare_resume(checkpoints_dir: Path, model: str, run: str | None, which: st
 
     path = find_run_checkpoint(Path(checkpoints_dir), model, run, which)
     ckpt = load_checkpoint(path, expect_model=model)
-    missing = [k for k in RESUME_KEYS if k not in ckpt]
+    missing = [k for k in TRAINING_STATE_KEYS if k not in ckpt]
     if missing:
         raise CheckpointError(
             f"{str(path)!r} cannot be resumed: it has no {', '.join(missing)} (an exported model, not a training state).",

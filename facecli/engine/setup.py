@@ -31,7 +31,7 @@ from facecli.losses import LOSSES, Loss, build_loss
 IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
-class FaceModelForTraining(nn.Module):
+class NetWithLoss(nn.Module):
     """Embedding network plus its loss: what DistributedDataParallel wraps."""
 
     def __init__(self, net: EmbeddingNet, head: Loss):
@@ -50,7 +50,7 @@ class RunParts:
     classes: list[str]
     net: EmbeddingNet
     head: Loss
-    model: FaceModelForTraining
+    model: NetWithLoss
     sampler: Any
     optimizer: torch.optim.Optimizer
     schedule: Schedule
@@ -78,7 +78,7 @@ def build_parts(cfg: TrainConfig, world, device: torch.device, amp: torch.dtype 
     head = _head(cfg, world, len(classes))
     if cfg.scale_warmup and cfg.margin_warmup_epochs > 0:
         set_warmup_scale(head, adacos_scale(len(classes)))
-    model = FaceModelForTraining(net, head).to(device)
+    model = NetWithLoss(net, head).to(device)
     channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -3,13 +3,15 @@
 A step: uint8 images -> device -> normalise -> random horizontal flip -> (channels_last,
 autocast) -> embedding network -> loss (margin head + cross-entropy, triplet, ...) ->
 backward (GradScaler for fp16) -> guarded update -> lr of the next step. The step reads no
-device value (:mod:`facecli.engine.loop`); the host reads the statistics once per
+device value (:mod:`facecli.engine.step`); the host reads the statistics once per
 ``log_every`` steps.
 
 The parts, each with one job: :mod:`~facecli.engine.setup` builds the run from its config,
-:mod:`~facecli.engine.checkpointing` writes and rotates checkpoints and captures RNG state,
-:mod:`~facecli.engine.loop` runs steps, :mod:`~facecli.engine.hooks` reports and evaluates.
-:class:`Trainer` wires them and owns the position (:class:`~facecli.engine.state.TrainState`).
+:mod:`~facecli.engine.runs` names and creates its folder, :mod:`~facecli.engine.checkpoint_manager`
+writes and rotates checkpoints and captures RNG state, :mod:`~facecli.engine.step` runs one
+step, :mod:`~facecli.engine.hooks` reports and evaluates, :mod:`~facecli.engine.stops` words
+why a run stopped. :class:`Trainer` runs the loop over epochs and steps and owns the position
+(:class:`~facecli.engine.state.TrainState`).
 
 Exact resume. Everything random is a pure function of (seed, epoch, step): the batch
 order (samplers), the flips (a hash of the position) and the schedule. The checkpoint holds
@@ -40,11 +42,11 @@ from facecli.data.workers import resolve_workers
 from facecli.engine import distributed as dist_utils
 from facecli.engine import runs, stops
 from facecli.engine.checkpoint import load_checkpoint, new_checkpoint
-from facecli.engine.checkpointing import CheckpointManager, capture_rng, restore_rng
+from facecli.engine.checkpoint_manager import CheckpointManager, capture_rng, restore_rng
 from facecli.engine.config import TrainConfig
 from facecli.engine.device import amp_dtype, configure_backends, memory_report, resolve_device
 from facecli.engine.hooks import HookContext, Hooks, default_hooks
-from facecli.engine.loop import DeviceStats, Interval, StepRunner
+from facecli.engine.step import DeviceStats, Interval, StepRunner
 from facecli.engine.setup import bare_net, build_parts, wrap_for_ddp
 from facecli.engine.state import TrainState
 from facecli.engine.tracking import MetricsFile, Tracker, scrub
