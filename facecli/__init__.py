@@ -24,7 +24,7 @@ Glossary (the words the code uses, one meaning each):
   epochs and steps is ``engine.trainer.Trainer``.
 """
 
-__version__ = "0.1.0"
+from facecli._version import __version__
 
 __all__ = ["__version__", "load_model"]
 

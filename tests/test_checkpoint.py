@@ -18,12 +18,12 @@ import facecli
 from conftest import TINY_TRAIN_ARGS, cli, one_line_error
 from facecli.engine.checkpoint import (
     CheckpointSaveError,
-    atomic_write,
     load_checkpoint,
     new_checkpoint,
     save_checkpoint,
     set_threshold,
 )
+from facecli.io import WriteError, atomic_write
 from facecli.engine.config import TrainConfig
 from facecli.engine.trainer import Trainer
 from facecli.errors import CheckpointError
@@ -154,7 +154,7 @@ def test_atomic_write_keeps_the_old_file_when_the_writer_raises(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.pt"]  # temporary file removed
 
 
-def test_atomic_write_disk_full_is_a_save_error_and_keeps_the_old_file(tmp_path):
+def test_atomic_write_disk_full_is_a_save_error_and_keeps_the_old_file(tmp_path, monkeypatch):
     target = tmp_path / "latest.pt"
     save_checkpoint(new_checkpoint(model="arcface", step=1), target)
 
@@ -162,10 +162,15 @@ def test_atomic_write_disk_full_is_a_save_error_and_keeps_the_old_file(tmp_path)
         f.write(b"x" * 100)
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    with pytest.raises(CheckpointSaveError) as info:
+    with pytest.raises(WriteError) as info:
         atomic_write(target, full)
     assert "disk is full" in str(info.value) and "\n" not in str(info.value)
     assert info.value.exit_code == 3
+    monkeypatch.setattr(torch, "save", lambda obj, f: full(f))
+    with pytest.raises(CheckpointSaveError) as info:  # a checkpoint's error says what the run still has
+        save_checkpoint(new_checkpoint(model="arcface", step=2), target)
+    assert "disk is full" in str(info.value) and "previous checkpoint is kept" in info.value.hint
+    monkeypatch.undo()
     assert torch.load(target, weights_only=True)["step"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.pt"]
 

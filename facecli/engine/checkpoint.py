@@ -7,19 +7,16 @@ name, backbone, embedding size, preprocessing, label map, hyper-parameters, prog
 counters, verification threshold and library versions are inside, so every later command
 needs the file and nothing else.
 
-Writes are atomic: the dict is written to a temporary file in the same directory, flushed
-and fsync'ed, then renamed over the target (``os.replace``), and the directory is fsync'ed.
-A process killed at any instant leaves either the old file or the new one, never a torn one.
+Writes are atomic (:func:`facecli.io.atomic_write`): a process killed at any instant leaves
+either the old file or the new one, never a torn one.
 """
 
 from __future__ import annotations
 
-import errno
 import os
 import pickle
 import platform
 import struct
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -28,18 +25,20 @@ from typing import Any
 
 import torch
 
-from facecli import __version__
-from facecli.errors import CheckpointError, UserError
+from facecli._version import __version__
+from facecli.errors import CheckpointError
+from facecli.io import WriteError, atomic_write  # noqa: F401 (atomic_write: gallery.py and export.py import it from here)
 
 FORMAT = "facecli-checkpoint"
 FORMAT_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
 
 
-class CheckpointSaveError(UserError):
+class CheckpointSaveError(WriteError):
     """Saving failed (disk full, permission denied): the run must stop, old files are intact."""
 
-    exit_code = 3
+
+CHECKPOINT_KEPT = "The previous checkpoint is kept; free space or fix permissions, then resume."
 
 
 def library_versions() -> dict[str, str]:
@@ -67,62 +66,9 @@ def new_checkpoint(**fields: Any) -> dict:
     return ckpt
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _umask()
-
-
-def atomic_write(path: str | os.PathLike, write) -> None:
-    """Call ``write(fileobj)`` on a temporary file, then rename it to ``path``."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as e:
-        raise CheckpointSaveError(
-            f"Could not write {path}: {e.strerror or e}.", hint="Nothing was changed; fix the folder's permissions or free space."
-        ) from e
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide checkpoints from the team
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
-            reason = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else (e.strerror or str(e))
-            raise CheckpointSaveError(
-                f"Could not write {path}: {reason}.",
-                hint="The previous checkpoint is kept; free space or fix permissions, then resume.",
-            ) from e
-        raise
-    _fsync_dir(path.parent)
-
-
 def save_checkpoint(ckpt: dict, path: str | os.PathLike) -> None:
-    atomic_write(path, lambda f: torch.save(ckpt, f))
+    """Write ``ckpt`` atomically (:func:`facecli.io.atomic_write`): the old file stays until the new one is whole."""
+    atomic_write(path, lambda f: torch.save(ckpt, f), kept=CHECKPOINT_KEPT, error=CheckpointSaveError)
 
 
 def load_checkpoint(path: str | os.PathLike, expect_model: str | None = None) -> dict:

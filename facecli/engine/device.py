@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from facecli.errors import UserError
+from facecli.hardware import amp_dtype  # noqa: F401 (re-export: benchmarks/gpu_check.py imports it from here)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -26,24 +27,6 @@ def resolve_device(name: str) -> torch.device:
         torch.cuda.set_device(device)
         device = torch.device("cuda", torch.cuda.current_device())
     return device
-
-
-def amp_dtype(device: torch.device | str, enabled: bool = True, choice: str = "auto") -> torch.dtype | None:
-    """bf16 where the GPU computes it natively (Ampere and later), else fp16; None (fp32) on the CPU or with amp off.
-
-    An emulated bf16 (pre-Ampere GPUs report it as supported) is slower than fp32 there.
-    ``choice`` ("bf16"/"fp16") overrides the automatic pick.
-    """
-    device = torch.device(device)
-    if not enabled or device.type != "cuda":
-        return None
-    if choice == "bf16":
-        if not torch.cuda.is_bf16_supported(including_emulation=False):
-            raise UserError("--amp-dtype bf16: this GPU has no native bf16.", hint="Use --amp-dtype fp16 or auto.")
-        return torch.bfloat16
-    if choice == "fp16":
-        return torch.float16
-    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
 
 
 def configure_backends(device: torch.device) -> None:

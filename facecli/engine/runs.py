@@ -133,8 +133,8 @@ def create_run_dir(run_dir: Path, checkpoints_dir) -> None:
 def write_run_record(run_dir: Path, cfg, record: dict) -> None:
     """``config.json`` (what the run was: configuration and what it found) and ``config.yaml``
     (the configuration alone, which ``train --config`` reads to start the run again)."""
-    from facecli.engine.checkpoint import atomic_write
     from facecli.engine.config import CONFIG_FILE, dump_yaml
+    from facecli.io import atomic_write
 
     atomic_write(run_dir / "config.json", lambda f: f.write(json.dumps(record, indent=2).encode()))
     text = f"# facecli train --config {CONFIG_FILE} starts this run again (add --run-name NEW).\n" + dump_yaml(cfg)

@@ -44,13 +44,14 @@ from facecli.engine import runs, stops
 from facecli.engine.checkpoint import load_checkpoint, new_checkpoint
 from facecli.engine.checkpoint_manager import CheckpointManager, capture_rng, restore_rng
 from facecli.engine.config import TrainConfig
-from facecli.engine.device import amp_dtype, configure_backends, memory_report, resolve_device
+from facecli.engine.device import configure_backends, memory_report, resolve_device
 from facecli.engine.hooks import HookContext, Hooks, default_hooks
 from facecli.engine.step import DeviceStats, Interval, StepRunner
 from facecli.engine.setup import bare_net, build_parts, wrap_for_ddp
 from facecli.engine.state import TrainState
 from facecli.engine.tracking import MetricsFile, Tracker, scrub
 from facecli.errors import UserError
+from facecli.hardware import amp_dtype
 
 STEP = "facecli::step"
 

@@ -31,7 +31,7 @@ class Embeddings:
 
 def _autocast_dtype(device: torch.device, amp: bool = True) -> torch.dtype | None:
     """The training rule: bf16 where the GPU has it natively, else fp16; fp32 on the CPU or with amp off."""
-    from facecli.engine.device import amp_dtype
+    from facecli.hardware import amp_dtype
 
     return amp_dtype(device, amp)
 

@@ -214,7 +214,7 @@ def lfw_pair_file(lfw_dir: Path, name: str) -> Path:
 
 
 def write_json(path: Path, data: dict) -> None:
-    from facecli.engine.checkpoint import atomic_write
+    from facecli.io import atomic_write
 
     atomic_write(path, lambda f: f.write(json.dumps(data, indent=2).encode()))
 
