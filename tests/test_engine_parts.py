@@ -171,3 +171,30 @@ def test_build_parts_follows_the_loss_capabilities(synth_train_dir):
     conv = next(p for p in facenet.model.parameters() if p.dim() == 4)
     assert conv.is_contiguous(memory_format=torch.channels_last)
     assert facenet.head.hparams() == {"margin": pytest.approx(0.2)}
+
+
+class _Faces:
+    """Eight identities x two 8 px images; ``labels`` and items as the training data set gives them."""
+
+    labels = [i // 2 for i in range(16)]
+
+    def __getitem__(self, i):
+        return torch.full((3, 8, 8), 10 * i, dtype=torch.uint8), self.labels[i], None
+
+
+class _Collapsed(torch.nn.Module):
+    def forward(self, x):
+        return torch.ones(x.shape[0], 4) + 1e-3 * x.mean(dim=(1, 2, 3)).unsqueeze(1)
+
+
+def test_health_hook_reads_the_context_and_warns_on_a_collapsed_embedding(tmp_path):
+    from facecli.data.images import Preprocess
+    from facecli.engine.hooks import HealthHook
+
+    ctx, lines = _context(tmp_path)
+    ctx.net, ctx.dataset, ctx.preprocess = _Collapsed(), _Faces(), Preprocess(8)
+    early = HealthHook().epoch_end(ctx, 1)  # step 12: figures, no verdict yet
+    assert early.figures["spread/mean_cosine"] == pytest.approx(1.0, abs=1e-3) and early.names == () and lines == []
+    ctx.state.step = 60
+    HealthHook().epoch_end(ctx, 2)
+    assert len(lines) == 1 and lines[0].startswith("epoch 2: The embeddings have collapsed")
