@@ -17,6 +17,7 @@ import torch
 
 from facecli.engine import distributed as dist_utils
 from facecli.engine.checkpoint import CheckpointSaveError, save_checkpoint
+from facecli.engine.runs import EPOCH_FILES
 
 
 class CheckpointManager:
@@ -44,7 +45,7 @@ class CheckpointManager:
     def _rotate(self, newest: str) -> None:
         # Newest last by write time: after `resume --from min_loss` the epochs of the
         # abandoned continuation are older than the ones this run writes now.
-        epochs = sorted(self.run_dir.glob("epoch_*.pt"), key=lambda p: (p.stat().st_mtime_ns, p.name))
+        epochs = sorted(self.run_dir.glob(EPOCH_FILES), key=lambda p: (p.stat().st_mtime_ns, p.name))
         keep = {self.run_dir / newest}
         stale = [p for p in epochs if p not in keep][: max(0, len(epochs) - self.keep_epochs)]
         for old in stale:

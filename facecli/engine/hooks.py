@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from facecli.engine.health import warn_if_bunched
+from facecli.engine.runs import BEST, LATEST
 from facecli.engine.state import TrainState
 from facecli.errors import UserError
 
@@ -156,7 +157,7 @@ class TrackerHook(Hook):
             + (f", View 1 dev-test accuracy {dev:.4f}" if dev is not None else "")
         )
         if cfg.wandb_artifacts:
-            ctx.tracker.artifact(ctx.run_dir / "latest.pt", f"{cfg.model}-{ctx.run_name}")
+            ctx.tracker.artifact(ctx.run_dir / LATEST, f"{cfg.model}-{ctx.run_name}")
 
 
 class HealthHook(Hook):
@@ -193,7 +194,7 @@ class EpochEvaluationHook(Hook):
             figures["dev_accuracy"] = dev
             if s.best_dev_accuracy is None or dev > s.best_dev_accuracy:
                 s.best_dev_accuracy = dev
-                names = ("best.pt",)
+                names = (BEST,)
         figures.update(bin_accuracies(ctx))
         return EpochAddition(figures, names)
 
@@ -252,7 +253,7 @@ class FinalEvaluationHook(Hook):
         ctx.state.threshold = choice.threshold
         # Tuned on the final weights: it belongs to latest.pt only (min_loss.pt and best.pt
         # hold earlier weights; `facecli tune-threshold FILE --save` gives them their own).
-        set_threshold(run_dir / "latest.pt", choice.threshold, "View 1 pairsDevTrain.txt")
+        set_threshold(run_dir / LATEST, choice.threshold, "View 1 pairsDevTrain.txt")
         curve = save_threshold_curve(choice.candidates, choice.accuracies, choice.threshold, run_dir / "view1_threshold.png")
         tracker.log({"view1/threshold": choice.threshold, "view1/dev_test_accuracy": choice.test_accuracy}, step)
         tracker.image("view1/threshold_curve", curve, step)

@@ -16,6 +16,9 @@ CHECKPOINT_NAMES = {"latest": LATEST, "min_loss": MIN_LOSS, "best": BEST}  # ``r
 RUN_NAME_FORMAT = "%Y%m%d-%H%M%S"  # the default run name: the start time
 
 
+EPOCH_FILES = "epoch_*.pt"  # the glob of epoch_file's names (rotated by --keep-epochs)
+
+
 def epoch_file(epoch: int) -> str:
     """The file of the checkpoint written when ``epoch`` epochs are finished."""
     return f"epoch_{epoch:03d}.pt"
