@@ -268,7 +268,7 @@ def synth(
 
 
 def _device(name: str | None):
-    from facecli.engine.trainer import resolve_device
+    from facecli.engine.device import resolve_device
 
     return resolve_device(name or "auto")
 
