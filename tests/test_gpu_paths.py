@@ -161,3 +161,101 @@ def test_evaluation_halving_covers_input_preparation(monkeypatch):
         got, chunk = emb.embed_batch(net, images, Preprocess(image_size=SIZE), torch.device("cpu"), None, True, BATCH)
     assert chunk == 2 and max(seen) == 2
     np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-5)
+
+
+# ------------------------------------------------ what the step asks autocast for
+
+
+class _AutocastLog:
+    """torch.autocast, recording each (device_type, dtype, enabled) asked for."""
+
+    def __init__(self, monkeypatch):
+        self.asked, real = [], torch.autocast
+
+        def recording(device_type, dtype=None, enabled=True, cache_enabled=None):
+            self.asked.append((device_type, dtype, enabled))
+            return real(device_type, dtype=dtype, enabled=False)  # no autocast without a GPU anyway
+
+        monkeypatch.setattr(torch, "autocast", recording)
+
+
+@pytest.mark.parametrize("bf16, want", [(True, torch.bfloat16), (False, torch.float16)])
+def test_amp_policy_on_a_simulated_gpu(sim_gpu, monkeypatch, bf16, want):
+    from facecli.engine.device import amp_dtype
+    from facecli.errors import UserError
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: bf16)
+    assert amp_dtype(torch.device("cuda", 0)) == want
+    assert amp_dtype(torch.device("cuda", 0), enabled=False) is None and amp_dtype(torch.device("cpu")) is None
+    assert amp_dtype(torch.device("cuda", 0), choice="fp16") == torch.float16
+    if not bf16:
+        with pytest.raises(UserError, match="no native bf16"):
+            amp_dtype(torch.device("cuda", 0), choice="bf16")
+
+
+@pytest.mark.filterwarnings("ignore:CUDA is not available:UserWarning")
+@pytest.mark.parametrize("model", ["arcface", "curricularface"])
+def test_step_runs_under_autocast_and_the_margin_in_fp32(fresh_affine, monkeypatch, model):
+    """The network under bf16 autocast on cuda; the head's margin arithmetic with autocast off."""
+    log = _AutocastLog(monkeypatch)
+    with FakeTensorMode(), torch.device("cuda"):
+        device = torch.device("cuda", 0)
+        runner = _runner(_config(model, False), World(), device)
+        runner.amp = torch.bfloat16
+        images, labels = _host_batch()
+        runner.forward(images, labels, 0, (BATCH,))
+    assert log.asked[0] == ("cuda", torch.bfloat16, True)
+    assert ("cuda", None, False) in log.asked[1:]
+
+
+# ------------------------------------------------ torch.compile: one graph per forward
+
+EXPLAIN_MODELS = MODELS
+
+
+@pytest.mark.parametrize("model", EXPLAIN_MODELS)
+def test_training_forward_has_no_graph_breaks(model):
+    """dynamo traces the whole training forward (network, head, loss) as one graph."""
+    torch.manual_seed(0)
+    cfg = _config(model, False, channels_last=False)
+    runner = _runner(cfg, World(), torch.device("cpu"))
+    runner._set_margin_weight(0)  # inside the warm-ups: the scale and margin are ramped tensors
+    images, labels = _host_batch()
+    x = runner._inputs(images, 0)
+    torch._dynamo.reset()
+    try:
+        explained = torch._dynamo.explain(runner.forward_module)(x, labels)
+    finally:
+        torch._dynamo.reset()
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), [str(b.reason) for b in explained.break_reasons]
+
+
+# ------------------------------------------------ no Python number becomes a device tensor in the step
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("warmup", [False, True], ids=["published-recipe", "warm-ups"])
+def test_step_builds_no_device_tensor_from_host_numbers(fresh_affine, monkeypatch, model, warmup):
+    """torch.tensor / torch.as_tensor with a device inside a step copy from the host and, on a
+    GPU, wait for it. A whole step (forward, backward, update, statistics) on CPU tensors, counted."""
+    cfg = _config(model, False, channels_last=False, margin_warmup_epochs=1.0 if warmup else 0.0, scale_warmup=warmup)
+    device = torch.device("cpu")
+    runner = _runner(cfg, World(), device)
+    stats = DeviceStats(device)
+    images, labels = _host_batch()
+    runner(images, labels, 0, (BATCH,))  # warm: caches (normalisation constants) fill once
+    calls = []
+    for name in ("tensor", "as_tensor"):
+        real = getattr(torch, name)
+
+        def counting(*args, _real=real, _name=name, **kwargs):
+            if kwargs.get("device") is not None:
+                calls.append((_name, kwargs["device"]))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(torch, name, counting)
+    for step in (1, 2):
+        loss, bad = runner(images, labels, step, (BATCH,))
+        stats.add(loss, bad, step, BATCH)
+    assert calls == []
+    assert torch.isfinite(loss) and not bool(bad)
