@@ -275,7 +275,7 @@ def environment_item(check: Check) -> dict:
            "cuda": torch.version.cuda, "driver": driver_version(), "amp_dtype": amp_name(check.amp),
            "grad_scaler": check.amp == torch.float16, "usable_cpus": usable_cpus(), "workers_auto": resolve_workers("auto")}
     dtype = torch.bfloat16 if check.cuda else torch.float32
-    row["matmul_tflops_measured"] = round(matmul_tflops(check.device, dtype, 8192 if check.cuda else 256, 3.0 if check.cuda else 0.3), 1)
+    row["matmul_tflops_measured"] = round(matmul_tflops(check.device, dtype, 8192 if check.cuda else 256, 3.0 if check.cuda else 0.3), 3)
     row["matmul_dtype"] = amp_name(dtype if check.cuda else None)
     row["bf16_peak_tflops_datasheet"] = check.args.peak_tflops or (datasheet_peak(row["device"]) if check.cuda else None)
     check.matmul = row["matmul_tflops_measured"]
