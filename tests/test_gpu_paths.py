@@ -64,7 +64,12 @@ def _channels_last(model: torch.nn.Module) -> None:
 def _runner(cfg: TrainConfig, world: World, device: torch.device) -> StepRunner:
     """The parts build_parts makes, minus the data (the same constructors and the same order)."""
     net = EmbeddingNet(cfg.backbone, cfg.embedding_dim, normalize=LOSSES[cfg.model].normalize_embeddings, image_size=cfg.image_size)
-    head = _head(cfg, world, CLASSES)
+    if cfg.sharded_head:  # _head shards only in a world of several processes; this one has one
+        from facecli.engine.sharded_head import ShardedMarginHead
+
+        head = ShardedMarginHead(cfg.model, cfg.embedding_dim, CLASSES, world, **cfg.loss_hparams())
+    else:
+        head = _head(cfg, world, CLASSES)
     if cfg.scale_warmup and cfg.margin_warmup_epochs > 0:
         set_warmup_scale(head, adacos_scale(CLASSES))
     model = FaceModelForTraining(net, head)
@@ -94,7 +99,7 @@ def test_training_forward_half_on_fake_cuda(model, sharded, request, fresh_affin
     with FakeTensorMode(), torch.device("cuda"):
         device = torch.device("cuda", 0)
         runner = _runner(cfg, world, device)
-        assert runner.channels_last
+        assert runner.channels_last and runner.parts.head.sharded == sharded
         images, labels = _host_batch()
         stats = DeviceStats(device)
         for step in (0, 7):  # inside the margin/scale warm-up, then past it

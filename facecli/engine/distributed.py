@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from facecli.engine.device import local_device_index  # noqa: F401  (callers use dist_utils.local_device_index)
+from facecli.engine.device import local_device_index  # here too: callers use dist_utils.local_device_index
 
 
 @dataclass(frozen=True)
