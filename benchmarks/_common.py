@@ -48,11 +48,10 @@ def common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def resolve_device(name: str):
-    import torch
+    """facecli's own resolution: ``cuda`` becomes ``cuda:N`` (made current), as the commands see it."""
+    from facecli.engine.device import resolve_device as facecli_resolve
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    return facecli_resolve(name)
 
 
 def synchronize(device) -> None:

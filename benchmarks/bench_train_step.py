@@ -4,13 +4,11 @@
     python benchmarks/bench_train_step.py --compile               # add torch.compile variants (default on CUDA)
     python benchmarks/bench_train_step.py --backbones resnet18 --batch 32 --quick
 
-Every variant runs the trainer's step on a fixed synthetic uint8 batch already on the
-device (data loading is bench_data.py's business): normalise, seeded flip, optional
-channels_last, autocast, ArcFace head over ``--classes`` classes, cross-entropy, the loss
-read back to the host (the trainer's non-finite check), backward (GradScaler for fp16), SGD
-with momentum. It mirrors ``facecli.engine.trainer.Trainer._train_step`` and the loop body
-around it, built from the same public pieces (EmbeddingNet, build_head, build_optimizer,
-normalize_batch, flip_batch).
+Every variant runs the trainer's own step (``facecli.engine.loop.StepRunner``, cudnn.benchmark
+on as the trainer sets it) on a fixed synthetic uint8 batch already on the device (data loading
+is bench_data.py's business): normalise, seeded flip, optional channels_last, autocast, ArcFace
+head over ``--classes`` classes, cross-entropy, backward (GradScaler for fp16), the non-finite
+check decided on the device, fused SGD with momentum. Nothing is read back per step.
 
 Variants: precision (fp32; bf16 and fp16 autocast on CUDA) x memory format (NCHW,
 channels_last) x (eager, ``torch.compile`` when asked), plus ``naive``: what a first version
@@ -32,7 +30,9 @@ import _common as C  # noqa: E402
 
 
 class Step:
-    """One configured training step; ``__call__`` runs it once and returns the loss value."""
+    """One configured training step: facecli's own StepRunner on a batch already on the device
+    (``naive``: a first version's step, for comparison). ``__call__`` runs it once and returns
+    the loss as a device tensor: reading it every step would add a host sync the trainer has not."""
 
     def __init__(self, backbone, classes, batch, image_size, device, amp=None, channels_last=False, compile=False, naive=False,
                  head="arcface", seed=0):
@@ -40,9 +40,12 @@ class Step:
 
         from facecli.backbones import EmbeddingNet
         from facecli.data.images import Preprocess
+        from facecli.engine.device import configure_backends
         from facecli.engine.optim import build_optimizer
         from facecli.engine.setup import NetWithLoss
         from facecli.losses import build_head
+
+        configure_backends(device)  # cudnn.benchmark, as the trainer sets it
 
         torch.manual_seed(seed)
         self.device, self.amp, self.channels_last, self.naive = device, amp, channels_last, naive
@@ -74,21 +77,27 @@ class Step:
             self.forward_module = torch.compile(self.model)
         self.step_index = 0
         self._compile_pending = compile and not naive
+        self.runner = None if naive else self._runner(classes)
+
+    def _runner(self, classes):
+        """The trainer's StepRunner around this model: input, forward, backward, guarded update."""
+        from types import SimpleNamespace
+
+        from facecli.engine.distributed import World
+        from facecli.engine.loop import StepRunner
+        from facecli.engine.optim import Schedule
+        from facecli.engine.setup import RunParts
+
+        parts = RunParts(self.pre, None, [], self.model.net, self.model.head, self.model, None, self.optimizer,
+                         Schedule("constant", 0.1, 10**9, 1000), self.scaler, 0)
+        cfg = SimpleNamespace(channels_last=self.channels_last, clip_grad_norm=0.0, seed=0, batch_size=self.batch)
+        return StepRunner(parts, self.forward_module, cfg, World(), self.device, self.amp)
 
     def inputs(self):
         """The step's network input as the trainer builds it (normalised, flipped, laid out)."""
-        import torch
-
-        from facecli.data.images import normalize_batch
-        from facecli.engine.step import flip_batch
-
         if self.naive:
             return self.float_images
-        x = normalize_batch(self.images, self.pre)
-        x = flip_batch(x, 0, self.step_index, 0, self.batch)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
+        return self.runner._inputs(self.images, self.step_index)
 
     def loss(self, x):
         import torch
@@ -100,7 +109,7 @@ class Step:
         with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
             return self.forward_module(x, self.labels)
 
-    def __call__(self) -> float:
+    def __call__(self):
         if self._compile_pending:
             self._compile_pending = False
             t0 = time.perf_counter()
@@ -110,11 +119,16 @@ class Step:
             return float("nan")
         return self._step()
 
-    def _step(self) -> float:
+    def _step(self):
+        if not self.naive:
+            self.runner.forward_module = self.forward_module  # bench_distributed wraps it in DDP afterwards
+            loss, _ = self.runner(self.images, self.labels, self.step_index, (self.batch,))
+            self.step_index += 1
+            return loss
         x = self.inputs()
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.loss(x)
-        value = float(loss.detach())  # the trainer's per-step non-finite check (a host sync)
+        value = float(loss.detach())  # a first version's per-step non-finite check (a host sync)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()

@@ -11,8 +11,10 @@
 #   pydantic-core     -> typing-extensions
 #   typing-inspection -> typing-extensions
 # typing-extensions is on the machine but of unknown version, and pydantic needs a recent one,
-# so it travels too (a few hundred KB). PyYAML is not needed: only pydantic-settings' `yaml`
-# extra uses it, and facecli reads no YAML. wandb is optional (tracking off without it).
+# so it travels too (a few hundred KB). Everything else facecli needs (pyproject.toml: torch,
+# torchvision, typer, rich, numpy, pillow, matplotlib, pyyaml for --config files) must be on the
+# image: the script below lists which, and gpu_check's environment row says, package by package,
+# which version the machine has or "missing". wandb is optional (tracking off without it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py="${PYTHON:-python3}"
@@ -45,8 +47,15 @@ for whl in sorted(pathlib.Path(sys.argv[1]).glob("*.whl")):
         reqs = [l.split(":", 1)[1].strip() for l in z.read(meta).decode().splitlines() if l.startswith("Requires-Dist:")]
     needs[name] = [r for r in reqs if "extra ==" not in r]
     print(f"{whl.name}: requires {', '.join(needs[name]) or 'nothing'}")
+import re, tomllib
 on_machine = {"typer", "rich", "numpy", "pillow", "matplotlib", "pyyaml", "torch", "torchvision"}
-import re
+project = tomllib.loads(pathlib.Path("pyproject.toml").read_text())["project"]
+facecli_needs = {re.split(r"[ ;<>=!~\[(]", r, 1)[0].lower() for r in project["dependencies"]} - {"wandb"}
+print("facecli needs, from the image:", ", ".join(sorted(facecli_needs - have)))
+unplanned = sorted(facecli_needs - have - on_machine)
+if unplanned:
+    print("neither fetched here nor expected on the image:", ", ".join(unplanned))
+    sys.exit(1)
 missing = sorted({re.split(r"[ ;<>=!~\[(]", r, 1)[0].lower().replace("_", "-") for rs in needs.values() for r in rs} - have - on_machine)
 print("missing:", ", ".join(missing) if missing else "nothing")
 sys.exit(1 if missing else 0)

@@ -124,8 +124,12 @@ def _fmt(x: float) -> str:
 
 
 def _no_autocast(device: torch.device):
-    """Context that disables autocast for ``device`` (a no-op where autocast does not exist)."""
-    if torch.amp.is_autocast_available(device.type):
+    """Context that disables autocast for ``device`` (a no-op where autocast does not exist).
+
+    A fixed set of device types, not ``torch.amp.is_autocast_available``: this runs in every
+    forward, and a call dynamo cannot trace would break ``torch.compile``'s graph there.
+    """
+    if device.type in ("cpu", "cuda"):
         return torch.autocast(device_type=device.type, enabled=False)
     return contextlib.nullcontext()
 
@@ -177,7 +181,9 @@ class _MarginLogits(torch.autograd.Function):
         else:
             index, slope, cos, hard, t = ctx.saved_tensors
             g = torch.add(t, cos, alpha=2.0).mul_(s)  # d/dc s c (t + c); s may be a tensor (scale warm-up)
-            g = torch.where(hard, g, torch.as_tensor(s, dtype=g.dtype, device=g.device)).mul_(grad)
+            # s as a Python number (no warm-up) stays a scalar argument: a device tensor built
+            # from it would be a host-to-device copy, and a wait, in every backward.
+            g = torch.where(hard, g, s.to(g.dtype) if torch.is_tensor(s) else s).mul_(grad)
         g_y = grad.gather(1, index).squeeze(1) * (slope * s)
         g.scatter_(1, index, g_y.unsqueeze(1).to(g.dtype))
         return g, None, None, None, None, None, None

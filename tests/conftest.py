@@ -48,6 +48,21 @@ def _isolated_env(tmp_path, monkeypatch):
     monkeypatch.setenv("FACECLI_CACHE_DIR", str(tmp_path / ".facecli-cache"))  # never the developer's ~/.cache
 
 
+@pytest.fixture
+def sim_gpu(monkeypatch):
+    """``torch.cuda`` reporting one (simulated) GPU: see tests/simgpu.py for what it can and cannot see."""
+    from simgpu import SimulatedCuda
+
+    return SimulatedCuda(1).install(monkeypatch)
+
+
+@pytest.fixture
+def sim_two_gpus(monkeypatch):
+    from simgpu import SimulatedCuda
+
+    return SimulatedCuda(2).install(monkeypatch)
+
+
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory) -> Path:
     """A tiny synthetic set: 12 training identities x 6 images, 20 LFW-style identities, 32 px."""

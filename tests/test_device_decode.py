@@ -168,3 +168,11 @@ def test_unknown_decode_mode_is_refused(tmp_path):
 
     with pytest.raises(UserError, match="--decode"):
         IdentityFolderDataset(tmp_path, Preprocess(32), decode="tpu")
+
+
+def test_labels_stay_the_loaders_tensor_when_nothing_is_dropped():
+    """The loader pins the labels; an indexed copy (labels[keep]) would be pageable memory, and the
+    step's non_blocking copy to the GPU from it a synchronous one. Only a dropped file makes a copy."""
+    labels = torch.arange(len(JPEGS))
+    _, kept, _ = to_device_batch(batch_of(JPEGS), labels, [], Preprocess(32), "cpu")
+    assert kept is labels

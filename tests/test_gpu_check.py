@@ -53,7 +53,7 @@ def test_every_section_has_rows_and_nothing_failed(dry_run):
 
 def test_cuda_only_rows_are_skipped_with_the_reason(dry_run):
     skipped = {(s, r["item"]) for s, items in dry_run["sections"].items() for r in items if r["status"] == "skipped"}
-    for section, item in [("host_syncs", "host syncs per step"), ("evaluation", "eval-lfw, out-of-memory halving forced"),
+    for section, item in [("host_syncs", "host syncs per step, arcface"), ("evaluation", "eval-lfw, out-of-memory halving forced"),
                           ("end_to_end", "facecli train --decode gpu"), ("train_step", "resnet50 --compile")]:
         assert (section, item) in skipped
         assert "CUDA only" in rows(dry_run, section)[item]["why"]
@@ -70,6 +70,30 @@ def test_the_cpu_runnable_items_ran(dry_run):
     assert rows(dry_run, "data_pipeline")["device decoder vs CPU path"]["decoded"] > 0
     ranks = [r for r in dry_run["sections"]["multi_process"] if r["head"] == "sharded"]
     assert sorted(r["rank"] for r in ranks) == [0, 1] and ranks[0]["t_equal_on_ranks"]
+
+
+def test_syncs_are_counted_for_every_model_and_the_environment_lists_every_package(dry_run):
+    assert {r["item"] for r in dry_run["sections"]["host_syncs"]} == {f"host syncs per step, {m}" for m in gpu_check.MODELS}
+    env = rows(dry_run, "environment")["environment"]
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    for name in ("torch", "torchvision", "pyyaml", "matplotlib", "pydantic-settings", "onnxruntime"):
+        assert name in env["packages"], name
+    assert len(env["packages"]) >= len(project["dependencies"])
+    assert env["packages"]["pyyaml"] != "missing" and "pyyaml" not in env["packages_missing"]
+
+
+def test_compile_is_planned_before_the_long_sections(tmp_path):
+    """A compile row that comes last is always dropped for lack of time: one runs right after the eager rows."""
+    args = gpu_check.parse_args(["--device", "cpu", "--quick", "--json", str(tmp_path / "r.json")])
+    check = gpu_check.Check(args, gpu_check.C.resolve_device("cpu"), tmp_path / "r.json")
+    shutil.rmtree(check.work)
+    order = []
+    check.item = lambda section, name, fn, need_s=0.0, cuda_only=False: order.append(name)
+    check.data["small"] = tmp_path
+    gpu_check.plan(check)
+    assert order.index(f"{gpu_check.STEP_BACKBONES[0]} --compile") < order.index("device decoder vs CPU path")
 
 
 def test_a_failing_item_is_a_row_and_the_run_goes_on(tmp_path):

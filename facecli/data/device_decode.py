@@ -15,6 +15,10 @@ RGB-transform, lossless, arithmetic-coded), data not ending with the JPEG end ma
 (truncated), and files the device decoder rejects. A file neither path can decode is
 reported exactly as the CPU path reports it.
 
+On CUDA the decode runs on a side stream (:func:`_on_side_stream`): torchvision's batched
+decode still makes the host wait for the decode itself (progressive JPEGs one by one), but
+no longer for the training work queued before it.
+
 Differences from the CPU path, measured in ``tests/test_device_decode.py``: the resize runs
 in float32 and is rounded (the CPU path uses torch's uint8 kernel), so pixels differ by at
 most a few grey levels; JPEGs more than twice the input size are decoded at full size and
@@ -207,8 +211,36 @@ def decode_batch(batch: EncodedBatch, preprocess: Preprocess, device: torch.devi
 
 def to_device_batch(images, labels: torch.Tensor, bad: list[str], preprocess: Preprocess, device: torch.device | str):
     """What the training loop calls on each loader batch: decodes an :class:`EncodedBatch` on
-    ``device`` (dropping the labels of undecodable files), passes a uint8 tensor through."""
+    ``device`` (dropping the labels of undecodable files), passes a uint8 tensor through.
+
+    The labels come back as the loader's (pinned) tensor unless a file was dropped, so the
+    step's ``non_blocking`` copy stays asynchronous; an indexed copy would be pageable memory.
+    """
     if not isinstance(images, EncodedBatch):
         return images, labels, bad
-    decoded, keep, more_bad = decode_batch(images, preprocess, device)
-    return decoded, labels[keep], list(bad) + more_bad
+    device = torch.device(device)
+    if device.type == "cuda":
+        decoded, keep, more_bad = _on_side_stream(images, preprocess, device)
+    else:
+        decoded, keep, more_bad = decode_batch(images, preprocess, device)
+    return decoded, labels if len(keep) == len(labels) else labels[keep], list(bad) + more_bad
+
+
+_SIDE_STREAMS: dict[torch.device, "torch.cuda.Stream"] = {}
+
+
+def _on_side_stream(batch: EncodedBatch, preprocess: Preprocess, device: torch.device):
+    """:func:`decode_batch` on a stream of its own. torchvision's nvJPEG decode ends by
+    synchronising the current stream; on the training stream that wait would include the
+    previous step's queued backward and update. On a side stream the host waits for the
+    decode alone while the training stream keeps working; the training stream then waits
+    (on the device, not the host) for the decoded batch."""
+    side = _SIDE_STREAMS.get(device)
+    if side is None:
+        side = _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    main = torch.cuda.current_stream(device)
+    with torch.cuda.stream(side):
+        images, keep, bad = decode_batch(batch, preprocess, device)
+    main.wait_stream(side)
+    images.record_stream(main)  # made on the side stream, used and freed on the training stream
+    return images, keep, bad

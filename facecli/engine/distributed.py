@@ -15,6 +15,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from facecli.engine.device import local_device_index  # here too: callers use dist_utils.local_device_index
+
 
 @dataclass(frozen=True)
 class World:
@@ -45,11 +47,6 @@ def backend_for(device_type: str) -> str:
     device): how the GPU check tests multi-process code on a one-GPU machine.
     """
     return os.environ.get(BACKEND_ENV) or ("nccl" if device_type == "cuda" else "gloo")
-
-
-def local_device_index(local_rank: int) -> int:
-    """The GPU of a local rank: ranks beyond the GPU count wrap around (several ranks per GPU)."""
-    return local_rank % max(1, torch.cuda.device_count())
 
 
 def init(device: torch.device | str) -> World:

@@ -33,10 +33,30 @@ def build_optimizer(name: str, params: Iterable, lr: float, weight_decay: float 
     # the update on the device, so a non-finite step needs no host read (GradScaler works so).
     fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in decay + no_decay)
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=False, fused=fused)
+        return zero_momentum(torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=False, fused=fused))
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, fused=fused)
     raise UserError(f"Unknown optimizer {name!r}.", hint=f"Choose one of: {', '.join(OPTIMIZERS)}.")
+
+
+def zero_momentum(optimizer: torch.optim.SGD) -> torch.optim.SGD:
+    """Give every parameter a zero momentum buffer now, before the first step.
+
+    Fused SGD creates its buffers with ``empty_like`` at its first step and has that step's
+    kernel fill them; when that step is skipped through ``found_inf`` (GradScaler's fp16
+    overflow, StepRunner's non-finite step) they keep uninitialised memory, and the next
+    good step adds it to the weights (-3e8 entries, then NaN). With zero buffers every step
+    is a "later" step: ``buf = 0.9 * 0 + grad`` equals the first step's ``buf = grad`` exactly.
+    (AdamW needs nothing: its moments start as zeros and a skipped step un-counts itself.)
+    """
+    for group in optimizer.param_groups:
+        if group["momentum"] == 0:
+            continue
+        for p in group["params"]:
+            state = optimizer.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    return optimizer
 
 
 class Schedule:

@@ -142,6 +142,12 @@ class StepRunner:
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, step: int, sizes: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """One step; returns (the global-batch loss, whether the update was skipped), both on the device."""
+        loss, global_loss = self.forward(images, labels, step, sizes)
+        self.parts.scaler.scale(loss).backward()
+        return global_loss, self._update(global_loss)
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, step: int, sizes: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's forward half: (this process's loss to differentiate, the global-batch loss, detached)."""
         x = self._inputs(images, step)
         y = labels.to(self.device, non_blocking=True)
         opt = self.parts.optimizer
@@ -155,8 +161,7 @@ class StepRunner:
         global_loss = loss.detach()
         if self.world.distributed and not self.parts.head.sharded:
             global_loss = dist_utils.mean_over_ranks(global_loss)
-        self.parts.scaler.scale(loss).backward()
-        return global_loss, self._update(global_loss)
+        return loss, global_loss
 
     def _inputs(self, images: torch.Tensor, step: int) -> torch.Tensor:
         cfg = self.cfg

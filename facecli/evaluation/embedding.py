@@ -94,23 +94,14 @@ def embed_dataset(
     if workers > 0:
         loader_kwargs.update(prefetch_factor=4, worker_init_fn=_one_thread)
     dtype = _autocast_dtype(device, amp)
-    channels_last = device.type == "cuda"
-    chunk = batch_size * (2 if flip else 1)  # images per forward pass; halved on out-of-memory
+    chunk = batch_size  # images per piece; halved on out-of-memory
     try:
         for images, index, reasons in DataLoader(dataset, **loader_kwargs):
             bad.extend(reasons)
             if images.shape[0]:
-                x = normalize_batch(images.to(device, non_blocking=True), preprocess)
-                if flip:
-                    x = torch.cat([x, x.flip(3)])
-                if channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                z, chunk = _forward_fitting(net, x, device, dtype, chunk)
-                passes += x.shape[0]
-                if flip:
-                    b = images.shape[0]
-                    z = z[:b] + z[b:]
-                z = F.normalize(z, dim=1).cpu().numpy()
+                z, chunk = embed_batch(net, images, preprocess, device, dtype, flip, chunk)
+                passes += images.shape[0] * (2 if flip else 1)
+                z = z.cpu().numpy()
                 if out is None:
                     dim = z.shape[1]
                     out = np.full((n, dim), np.nan, dtype=np.float32)
@@ -146,16 +137,20 @@ def pair_scores(vectors: np.ndarray, index_a: np.ndarray, index_b: np.ndarray) -
     return np.einsum("ij,ij->i", a, b)
 
 
-def _forward_fitting(net, x: torch.Tensor, device: torch.device, dtype, chunk: int) -> tuple[torch.Tensor, int]:
-    """``net(x)`` in pieces of at most ``chunk`` images, halving ``chunk`` when the GPU runs out
-    of memory: evaluation starts with large batches and settles on the largest that fits."""
+def embed_batch(net, images: torch.Tensor, preprocess: Preprocess, device: torch.device, dtype, flip: bool, chunk: int) -> tuple[torch.Tensor, int]:
+    """A batch of uint8 images (on the host) as unit embeddings on ``device``, in pieces of at most
+    ``chunk`` images; ``chunk`` halves when the GPU runs out of memory, and comes back with the result.
+
+    Evaluation starts with large batches (2048 images, twice that with flips) and settles on the
+    largest that fits. The input preparation (float copies, mirror images, channels_last) is
+    inside the halving: at that size it takes as much memory as the network's activations.
+    """
     outputs = []
     start = 0
-    while start < x.shape[0]:
-        piece = x[start : start + chunk]
+    while start < images.shape[0]:
+        piece = images[start : start + chunk]
         try:
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                outputs.append(net(piece).float())
+            outputs.append(_embed_piece(net, piece, preprocess, device, dtype, flip))
         except torch.cuda.OutOfMemoryError:
             if chunk == 1:
                 raise
@@ -165,6 +160,20 @@ def _forward_fitting(net, x: torch.Tensor, device: torch.device, dtype, chunk: i
             continue
         start += piece.shape[0]
     return torch.cat(outputs), chunk
+
+
+def _embed_piece(net, images: torch.Tensor, preprocess: Preprocess, device: torch.device, dtype, flip: bool) -> torch.Tensor:
+    x = normalize_batch(images.to(device, non_blocking=True), preprocess)
+    if flip:
+        x = torch.cat([x, x.flip(3)])
+    if device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        z = net(x).float()
+    if flip:
+        b = images.shape[0]
+        z = z[:b] + z[b:]
+    return F.normalize(z, dim=1)
 
 
 def _one_thread(_: int) -> None:
