@@ -4,7 +4,7 @@
     python benchmarks/bench_train_step.py --compile               # add torch.compile variants (default on CUDA)
     python benchmarks/bench_train_step.py --backbones resnet18 --batch 32 --quick
 
-Every variant runs the trainer's own step (``facecli.engine.loop.StepRunner``, cudnn.benchmark
+Every variant runs the trainer's own step (``facecli.engine.step.StepRunner``, cudnn.benchmark
 on as the trainer sets it) on a fixed synthetic uint8 batch already on the device (data loading
 is bench_data.py's business): normalise, seeded flip, optional channels_last, autocast, ArcFace
 head over ``--classes`` classes, cross-entropy, backward (GradScaler for fp16), the non-finite
@@ -84,7 +84,7 @@ class Step:
         from types import SimpleNamespace
 
         from facecli.engine.distributed import World
-        from facecli.engine.loop import StepRunner
+        from facecli.engine.step import StepRunner
         from facecli.engine.optim import Schedule
         from facecli.engine.setup import RunParts
 

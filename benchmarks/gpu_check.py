@@ -268,7 +268,7 @@ def environment_item(check: Check) -> dict:
     import torch
 
     from facecli.data.workers import resolve_workers, usable_cpus
-    from facecli.engine.device import amp_dtype
+    from facecli.hardware import amp_dtype
 
     check.amp = amp_dtype(check.device, True)
     row = {"device": torch.cuda.get_device_name(check.device) if check.cuda else "cpu", "torch": torch.__version__,
@@ -544,7 +544,7 @@ def host_sync_item(check: Check, model: str) -> dict:
     the loop's logging reads and the checkpoint's copies are not counted against it."""
     import torch
 
-    from facecli.engine.loop import StepRunner
+    from facecli.engine.step import StepRunner
 
     first, steps = 3, 12
     trainer = trainer_for(base_config(check, f"syncs-{model}", model=model))
@@ -692,7 +692,7 @@ def eval_precision_item(check: Check) -> dict:
         for name, amp in (("amp", True), ("fp32", False))
     }
     a, b = choices["amp"], choices["fp32"]
-    from facecli.engine.device import amp_dtype
+    from facecli.hardware import amp_dtype
 
     return {"amp": amp_name(amp_dtype(check.device, True)), "threshold_amp": round(a.threshold, 5), "threshold_fp32": round(b.threshold, 5),
             "threshold_diff": round(abs(a.threshold - b.threshold), 5), "dev_test_acc_amp": round(a.test_accuracy, 4),

@@ -21,7 +21,7 @@ from facecli.backbones import EmbeddingNet
 from facecli.data.images import Preprocess
 from facecli.engine.config import TrainConfig
 from facecli.engine.distributed import World
-from facecli.engine.loop import DeviceStats, StepRunner
+from facecli.engine.step import DeviceStats, StepRunner
 from facecli.engine.optim import Schedule, build_optimizer
 from facecli.engine.setup import FaceModelForTraining, RunParts, _head, adacos_scale, set_warmup_scale
 from facecli.losses import LOSSES
@@ -186,7 +186,7 @@ class _AutocastLog:
 
 @pytest.mark.parametrize("bf16, want", [(True, torch.bfloat16), (False, torch.float16)])
 def test_amp_policy_on_a_simulated_gpu(sim_gpu, monkeypatch, bf16, want):
-    from facecli.engine.device import amp_dtype
+    from facecli.hardware import amp_dtype
     from facecli.errors import UserError
 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: bf16)
