@@ -19,12 +19,28 @@ from typing import Callable, List, Optional
 
 import typer
 from rich.markup import escape
+from typer.core import TyperGroup
 
 from facecli import __version__
 from facecli.errors import TrainingStopped, UserError
 from facecli.ui import console, err_console, progress, warn
 
+class _Commands(TyperGroup):
+    """The command group: plugins are loaded (and a broken one reported in one line) before any command or --help."""
+
+    def main(self, *args, **kwargs):
+        from facecli.cli_config import load_plugins
+
+        try:
+            load_plugins()
+        except UserError as e:
+            err_console.print(f"[bold red]error:[/bold red] {escape(str(e))}", markup=True, highlight=False, soft_wrap=True)
+            sys.exit(e.exit_code)
+        return super().main(*args, **kwargs)
+
+
 app = typer.Typer(
+    cls=_Commands,
     name="facecli",
     help="Train and evaluate margin-loss face-recognition models (SphereFace, CosFace, ArcFace, CurricularFace, FaceNet).",
     no_args_is_help=True,
@@ -141,10 +157,10 @@ def _print_training_result(result) -> None:
 
 
 def _train_parameters() -> list[inspect.Parameter]:
-    from facecli.cli_config import _param, choice_type, config_options, load_plugins
+    from facecli.cli_config import _param, choice_type, config_options, plugins_for_parameters
     from facecli.engine.config import choices
 
-    load_plugins()
+    plugins_for_parameters()
     fixed = [
         _param("model", Optional[choice_type("model", choices("model"))], typer.Argument(None, help="Loss to train (may come from --config instead).", show_default=False)),
         _param("config", Optional[Path], typer.Option(None, "--config", help="YAML, TOML or JSON file of settings (keys as in --print-config); flags override it.")),
@@ -172,32 +188,14 @@ def _train(**kw):
 
 
 def _train_config(kw: dict, settings):
-    """File < flags; the data folders resolved against --dataset-path / DATASET_PATH."""
-    from facecli.cli_config import file_origins, flag_origins, given_values
-    from facecli.data import resolve_lfw_dir, resolve_train_dir
-    from facecli.engine.config import TrainConfig, read_config_file
+    """File < flags, validated before any data is looked at; then the data folders (not for --print-config)."""
+    from facecli.cli_config import train_values, with_data_paths
+    from facecli.engine.config import TrainConfig
 
-    values: dict = {}
-    origins: dict = {}
-    if kw["config"] is not None:
-        values = read_config_file(kw["config"])
-        origins = file_origins(kw["config"], values)
-    flags = given_values(kw)
-    values.update(flags)
-    origins.update(flag_origins(flags))
-    if kw["model"]:
-        values["model"], origins["model"] = kw["model"].value, "MODEL"
-    if "model" not in values:
-        raise UserError("No model to train: name one (`facecli train arcface`) or set `model:` in the --config file.")
+    values, origins = train_values(kw, settings.checkpoints_dir, warn)
+    cfg = TrainConfig.build(values, origins)
     root = kw["dataset_path"] or settings.dataset_path
-    given_train = kw["train_rec"] or values.get("train_dir")
-    if kw["dataset_path"] is None and root is not None and given_train is None and not Path(root).expanduser().is_dir():
-        raise UserError(f"DATASET_PATH {str(root)!r} does not exist or is not a directory.", hint="Fix DATASET_PATH or pass --dataset-path.")
-    values["train_dir"] = str(resolve_train_dir(given_train, root))
-    lfw = resolve_lfw_dir(values.get("lfw_dir"), root)
-    values["lfw_dir"] = str(lfw) if lfw else None
-    values.setdefault("checkpoints_dir", str(settings.checkpoints_dir))
-    return TrainConfig.build(values, origins)
+    return with_data_paths(cfg, root, check=not kw["print_config"], root_given=kw["dataset_path"] is not None)
 
 
 train = app.command("train")(guarded_derived(_train, _train_parameters))
@@ -208,10 +206,10 @@ def _log(message: str) -> None:
 
 
 def _resume_parameters() -> list[inspect.Parameter]:
-    from facecli.cli_config import _param, choice_type, config_options, load_plugins, resume_keys
+    from facecli.cli_config import _param, choice_type, config_options, plugins_for_parameters, resume_keys
     from facecli.engine.config import choices
 
-    load_plugins()
+    plugins_for_parameters()
     fixed = [
         _param("model", choice_type("model", choices("model")), typer.Argument(..., help="The model of the run to continue.")),
         _param("from_", ResumeFrom, typer.Option(ResumeFrom.latest, "--from", help="latest, min_loss or best checkpoint of the run.")),
@@ -509,11 +507,11 @@ def align(
 
 
 def _demo_parameters() -> list[inspect.Parameter]:
-    from facecli.cli_config import _param, choice_type, config_options, load_plugins
+    from facecli.cli_config import _param, choice_type, config_options, plugins_for_parameters
     from facecli.demo import DEMO_SETTINGS
     from facecli.engine.config import choices
 
-    load_plugins()
+    plugins_for_parameters()
     model = choice_type("model", choices("model"))
     fixed = [
         _param("out_dir", Path, typer.Option(Path("demo"), "--out", help="Where the synthetic set and the run go.")),

@@ -233,10 +233,10 @@ class Trainer:
         import json
 
         from facecli.engine.checkpoint import atomic_write
-        from facecli.engine.config import CONFIG_FILE, dump_yaml
+        from facecli.engine.config import CONFIG_FILE, dump_yaml, with_absolute_paths
 
         data = {
-            "config": scrub(self.cfg.to_dict()),
+            "config": scrub(with_absolute_paths(self.cfg.to_dict())),
             "run_name": self.run_name,
             "classes": len(self.parts.classes),
             "images": len(self.parts.dataset),
@@ -247,7 +247,7 @@ class Trainer:
             "amp_dtype": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "float32",
         }
         atomic_write(self.run_dir / "config.json", lambda f: f.write(json.dumps(data, indent=2).encode()))
-        text = f"# facecli train --config {CONFIG_FILE} starts this run again (add --run-name NEW).\n" + dump_yaml(self.cfg)
+        text = f"# facecli train --config {CONFIG_FILE} (or config.json) starts this run again (add --run-name NEW); paths are absolute.\n" + dump_yaml(self.cfg)
         atomic_write(self.run_dir / CONFIG_FILE, lambda f: f.write(text.encode()))
 
     # ------------------------------------------------------------------ signals
