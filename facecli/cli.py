@@ -208,11 +208,12 @@ def _log(message: str) -> None:
 def _resume_parameters() -> list[inspect.Parameter]:
     from facecli.cli_config import _param, choice_type, config_options, plugins_for_parameters, resume_keys
     from facecli.engine.config import choices
+    from facecli.engine.runs import MIN_LOSS_RULE
 
     plugins_for_parameters()
     fixed = [
         _param("model", choice_type("model", choices("model")), typer.Argument(..., help="The model of the run to continue.")),
-        _param("from_", ResumeFrom, typer.Option(ResumeFrom.latest, "--from", help="latest, min_loss or best checkpoint of the run.")),
+        _param("from_", ResumeFrom, typer.Option(ResumeFrom.latest, "--from", help=f"latest, min_loss or best checkpoint of the run. {MIN_LOSS_RULE} (none before the warm-up ends); best.pt: the best View 1 dev-test accuracy (--eval-every).")),
         _param("run", Optional[str], typer.Option(None, "--run", "--run-name", help="Run name (default: the newest run of MODEL). Under torchrun write --run-name (torchrun reads --run as its own --run-path).")),
     ]
     return fixed + config_options(keys=resume_keys())
@@ -226,6 +227,11 @@ def _resume(**kw):
 
     settings = _settings()
     overrides = given_values(kw)
+    if overrides.get("lfw_dir") is not None:
+        from facecli.data import resolve_lfw_dir
+        from facecli.engine.config import absolute
+
+        overrides["lfw_dir"] = absolute(resolve_lfw_dir(overrides["lfw_dir"], None))
     checkpoints_dir = Path(overrides.pop("checkpoints_dir", None) or settings.checkpoints_dir)
     path, cfg, ckpt = prepare_resume(checkpoints_dir, kw["model"].value, kw["run"], kw["from_"].value, overrides)
     trainer = Trainer(cfg, resume_from=path, resume_checkpoint=ckpt, tracker_factory=_tracker_factory(settings, cfg.wandb), log=_log, warn=warn, progress_factory=_train_progress)
@@ -295,21 +301,19 @@ def _embedder(checkpoint: Path, device: str | None, flip: bool, batch_size: int 
     return fm, Embedder(fm.net, fm.preprocess, dev, flip, batch_size, workers, amp)
 
 
-def _lfw_for_eval(lfw_dir: Optional[Path]) -> Path:
-    from facecli.data import resolve_lfw_dir
+def _lfw_for_eval(lfw_dir: Optional[Path], fm) -> Path:
+    """--lfw-dir, else the checkpoint's own lfw_dir while it exists, else LFW under DATASET_PATH."""
+    from facecli.data import lfw_for_evaluation
 
-    settings = _settings()
-    found = resolve_lfw_dir(lfw_dir, settings.dataset_path)
-    if found is None:
-        raise UserError("No LFW folder: pass --lfw-dir or set DATASET_PATH to a folder holding 'Labeled Faces in the Wild (LFW)' or lfw/.")
-    return found
+    saved = ((getattr(fm, "checkpoint", None) or {}).get("train_config") or {}).get("lfw_dir")
+    return lfw_for_evaluation(lfw_dir, saved, _settings().dataset_path)
 
 
 @app.command("eval-lfw")
 @guarded
 def eval_lfw(
     checkpoint: Path = typer.Argument(..., help="A facecli checkpoint (.pt)."),
-    lfw_dir: Optional[Path] = typer.Option(None, help="LFW folder (default: under DATASET_PATH)."),
+    lfw_dir: Optional[Path] = typer.Option(None, help="LFW folder (default: the checkpoint's own lfw_dir while it exists, else under DATASET_PATH)."),
     pairs: Optional[Path] = typer.Option(None, help="Pairs file (default: the LFW folder's pairs.txt, View 2)."),
     bin: Optional[Path] = typer.Option(None, "--bin", help="Evaluate an insightface lfw.bin instead of image folders."),
     flip: bool = typer.Option(True, "--flip/--no-flip", help="Flip test-time augmentation."),
@@ -329,7 +333,7 @@ def eval_lfw(
     if bin is not None:
         ev = evaluate_bin(embedder, bin, _progress_factory)
     else:
-        lfw = _lfw_for_eval(lfw_dir)
+        lfw = _lfw_for_eval(lfw_dir, fm)
         pair_set = read_pairs(resolve_pairs_arg(pairs, lfw, "pairs.txt"), find_image_root(lfw), allow_missing=allow_missing)
         ev = evaluate_pair_set(embedder, pair_set, _progress_factory, name="LFW")
     console.print(verification_table(ev.report, title=f"{ev.name} verification, {len(ev.scores)} pairs, 10-fold"))
@@ -385,7 +389,7 @@ def eval_sets(
 @guarded
 def tune_threshold_cmd(
     checkpoint: Path = typer.Argument(..., help="A facecli checkpoint (.pt)."),
-    lfw_dir: Optional[Path] = typer.Option(None, help="LFW folder (default: under DATASET_PATH)."),
+    lfw_dir: Optional[Path] = typer.Option(None, help="LFW folder (default: the checkpoint's own lfw_dir while it exists, else under DATASET_PATH)."),
     pairs: Optional[Path] = typer.Option(None, help="Pairs to choose the threshold on (default: pairsDevTrain.txt)."),
     test_pairs: Optional[Path] = typer.Option(None, help="Pairs to report accuracy on (default: pairsDevTest.txt)."),
     flip: bool = typer.Option(True, "--flip/--no-flip"),
@@ -395,15 +399,23 @@ def tune_threshold_cmd(
     save: bool = typer.Option(False, "--save/--no-save", help="Store the threshold in the checkpoint (atomically)."),
     json_out: Optional[Path] = typer.Option(None, "--json"),
     amp: bool = typer.Option(True, "--amp/--no-amp", help="Mixed precision on CUDA (as in training)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing picture (CHECKPOINT-NAME_threshold_curve.png) and --json file."),
 ):
-    """Choose the verification threshold on View 1 training pairs and report View 1 test accuracy."""
+    """Choose the verification threshold on View 1 training pairs and report View 1 test accuracy.
+
+    Writes CHECKPOINT-NAME_threshold_curve.png beside the checkpoint (or the --json file)."""
     from facecli.data.lfw import find_image_root, read_pairs
     from facecli.engine.checkpoint import set_threshold
     from facecli.evaluation.reports import save_threshold_curve, threshold_table
     from facecli.evaluation.runner import resolve_pairs_arg, tune_threshold, write_json
 
+    out_dir = json_out.parent if json_out else Path(checkpoint).parent
+    picture = out_dir / f"{Path(checkpoint).stem}_threshold_curve.png"
+    for path in (picture, json_out):
+        if path is not None and path.exists() and not overwrite:
+            raise UserError(f"{path} already exists.", hint="Pass --overwrite to replace it, or --json elsewhere.")
     fm, embedder = _embedder(checkpoint, device, flip, batch_size, workers, amp)
-    lfw = _lfw_for_eval(lfw_dir)
+    lfw = _lfw_for_eval(lfw_dir, fm)
     root = find_image_root(lfw)
     train_set = read_pairs(resolve_pairs_arg(pairs, lfw, "pairsDevTrain.txt"), root)
     test_set = read_pairs(resolve_pairs_arg(test_pairs, lfw, "pairsDevTest.txt"), root)
@@ -415,8 +427,7 @@ def tune_threshold_cmd(
         f"test-pairs accuracy {100 * choice.test_accuracy:.2f}% ({choice.test_pairs} pairs).",
         markup=False,
     )
-    out_dir = json_out.parent if json_out else Path(checkpoint).parent
-    picture = save_threshold_curve(choice.candidates, choice.accuracies, choice.threshold, out_dir / "threshold_curve.png")
+    picture = save_threshold_curve(choice.candidates, choice.accuracies, choice.threshold, picture)
     console.print(f"Picture: {picture}", markup=False)
     if save:
         set_threshold(checkpoint, choice.threshold, f"tune-threshold on {Path(pairs or 'pairsDevTrain.txt').name}")

@@ -138,6 +138,7 @@ def test_eval_lfw_allow_missing_counts_dropped_pairs(trained_checkpoint, synth_l
     r = cli(*args)
     assert r.exit_code == 2
     assert "missing" in r.stderr and gone.name in r.stderr and "Traceback" not in r.output
+    assert "--allow-missing" in " ".join(r.stderr.split())
     assert not out.exists()
 
     r = cli(*args, "--allow-missing")

@@ -52,7 +52,7 @@ class TrainConfig(BaseModel):
     # data
     train_dir: str | None = setting(None, "Folder of identity folders, or of train.rec/train.idx (default: under the dataset root).", resume=True)
     identities_file: str | None = setting(None, "Train only on the identities listed in this file (e.g. LFW's peopleDevTrain.txt).", flag="identities")
-    lfw_dir: str | None = setting(None, "LFW folder for evaluation (default: under the dataset root).")
+    lfw_dir: str | None = setting(None, "LFW folder for evaluation (default: under the dataset root).", resume=True)
     image_size: int = setting(112, "Input size in pixels (square).", ge=16)
     crop_fraction: float | None = setting(None, "Centre crop before resizing (default: 0.6 for 250x250 images, else 1).", gt=0, le=1)
     images_per_identity: int = setting(4, "FaceNet: K images per identity in each P x K batch.", ge=2)
@@ -104,7 +104,7 @@ class TrainConfig(BaseModel):
     keep_epochs: int = setting(3, "How many epoch_NNN.pt files to keep.", ge=1)
     log_every: int = setting(10, "Read loss, lr and images/s back from the device and log them every N steps.", ge=1)
     # evaluation
-    eval: bool = setting(True, "Tune the threshold on View 1 and report View 2 at the end.")
+    eval: bool = setting(True, "Tune the threshold on View 1 and report View 2 at the end.", resume=True)
     eval_every: int = setting(0, "Evaluate View 1 every N epochs and keep best.pt (0: never).", ge=0)
     flip: bool = setting(True, "Flip test-time augmentation in evaluation.")
     eval_batch_size: int | None = setting(None, "Evaluation batch size (default: as large as the device takes).", ge=1)

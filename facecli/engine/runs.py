@@ -6,6 +6,8 @@ from pathlib import Path
 
 from facecli.errors import UserError
 
+# What min_loss.pt means (also said by `resume --help` and the README).
+MIN_LOSS_RULE = "min_loss.pt is the epoch of lowest mean loss among those trained with the final head, after the margin and scale warm-ups"
 CHECKPOINT_NAMES = {"latest": "latest.pt", "min_loss": "min_loss.pt", "best": "best.pt"}
 
 
@@ -42,8 +44,9 @@ def find_run_checkpoint(checkpoints_dir: Path, model: str, run: str | None, whic
     path = run_dir / CHECKPOINT_NAMES[which]
     if not path.is_file():
         others = [k for k, name in CHECKPOINT_NAMES.items() if k != which and (run_dir / name).is_file()]
+        why = {"min_loss": f" {MIN_LOSS_RULE}; no such epoch has finished yet (the warm-up covers every epoch so far)", "best": " (best.pt is written with --eval-every N)"}
         raise UserError(
-            f"Run {str(run_dir)!r} has no {path.name}.",
+            f"Run {str(run_dir)!r} has no {path.name}{why.get(which, '') if (run_dir / 'latest.pt').is_file() else ''}.",
             hint=f"Try --from {others[0]}." if others else "It holds no checkpoint to resume from; start the run again with `facecli train`.",
         )
     return path

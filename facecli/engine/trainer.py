@@ -392,7 +392,7 @@ class Trainer:
     def _end_epoch(self) -> None:
         s = self.state
         self._read(self.stats.flush(s.step))
-        mean, improved = s.end_epoch()
+        mean, improved = s.end_epoch(final_head=self._final_head_epoch(s.epoch))
         self.stats.new_epoch()
         record = {"epoch": s.epoch, "epoch_loss": mean}
         names = ["latest.pt"] + (["min_loss.pt"] if improved else [])
@@ -401,6 +401,12 @@ class Trainer:
         record["min_so_far"] = improved
         self._emit("epoch_saved", record)
         dist_utils.barrier(self.world)
+
+    def _final_head_epoch(self, epoch: int) -> bool:
+        """Whether epoch ``epoch`` (0-based) ran with the full margin and scale from its first step."""
+        from facecli.engine.optim import margin_weight_at
+
+        return margin_weight_at(epoch * self.steps_per_epoch, self.parts.margin_warmup_steps) >= 1.0
 
     def _stop_here(self, by_limit: bool = False) -> None:
         """Save at this step boundary; a signal then ends the run with its exit code."""
@@ -423,9 +429,13 @@ class Trainer:
         spe, cfg = self.steps_per_epoch, self.cfg
         where = f"step {it.first_bad + 1} (epoch {it.first_bad // spe + 1}, batch {it.first_bad % spe + 1})"
         what = f"Loss became {it.bad_loss}" if not _finite(it.bad_loss) else f"A gradient became non-finite (loss {it.bad_loss:.4f})"
+        if (self.run_dir / "latest.pt").is_file():
+            kept, then = f"The last good checkpoint in {self.run_dir} is kept.", "resume or restart"
+        else:
+            kept, then = f"No checkpoint had been written yet ({self.run_dir} holds none to resume).", "restart"
         return TrainingStopped(
-            f"{what} at {where}; that update was skipped and the run stopped. The last good checkpoint in {self.run_dir} is kept. "
-            f"Try a lower learning rate (e.g. --lr {cfg.lr / 10:g}) and resume or restart.",
+            f"{what} at {where}; that update was skipped and the run stopped. {kept} "
+            f"Try a lower learning rate (e.g. --lr {cfg.lr / 10:g}) and {then}.",
             exit_code=4,
         )
 
