@@ -221,7 +221,9 @@ def flag_origins(values: dict[str, Any]) -> dict[str, str]:
 
 
 def file_origins(path: Path, values: dict[str, Any]) -> dict[str, str]:
-    return {k: f"{path}: {k}" for k in values}
+    from facecli.engine.config import shorten
+
+    return {k: f"{path}: {shorten(str(k))}" for k in values}
 
 
 # --------------------------------------------------------------------------- train's configuration
