@@ -25,6 +25,7 @@ from facecli import __version__
 from facecli.errors import TrainingStopped, UserError
 from facecli.ui import console, err_console, progress, warn
 
+
 class _Commands(TyperGroup):
     """The command group: plugins are loaded (and a broken one reported in one line) before any command or --help."""
 
@@ -227,11 +228,6 @@ def _resume(**kw):
 
     settings = _settings()
     overrides = given_values(kw)
-    if overrides.get("lfw_dir") is not None:
-        from facecli.data import resolve_lfw_dir
-        from facecli.engine.config import absolute
-
-        overrides["lfw_dir"] = absolute(resolve_lfw_dir(overrides["lfw_dir"], None))
     checkpoints_dir = Path(overrides.pop("checkpoints_dir", None) or settings.checkpoints_dir)
     path, cfg, ckpt = prepare_resume(checkpoints_dir, kw["model"].value, kw["run"], kw["from_"].value, overrides)
     trainer = Trainer(cfg, resume_from=path, resume_checkpoint=ckpt, tracker_factory=_tracker_factory(settings, cfg.wandb), log=_log, warn=warn, progress_factory=_train_progress)

@@ -58,9 +58,9 @@ RESUME_KEYS = ("train_config", "epoch", "batch_in_epoch", "step", "optimizer_sta
 def prepare_resume(checkpoints_dir: Path, model: str, run: str | None, which: str, overrides: dict | None = None):
     """(path, configuration with ``overrides`` applied, loaded checkpoint) to resume from.
 
-    Overrides are the run-environment settings (device, workers, amp, wandb, train_dir moved)
-    and ``epochs`` (a new total): the settings marked ``resume`` in TrainConfig. Everything
-    else comes from the checkpoint.
+    Overrides are the run-environment settings (device, workers, amp, wandb, train_dir moved,
+    lfw_dir, eval) and ``epochs`` (a new total): the settings marked ``resume`` in TrainConfig.
+    Everything else comes from the checkpoint.
     """
     overrides = dict(overrides or {})
     from facecli.engine.checkpoint import CheckpointError, load_checkpoint
@@ -76,6 +76,11 @@ def prepare_resume(checkpoints_dir: Path, model: str, run: str | None, which: st
         )
     if overrides.get("train_dir") is not None:
         overrides["train_dir"] = str(overrides["train_dir"])
+    if overrides.get("lfw_dir") is not None:  # --lfw-dir: the folder must exist; stored absolute
+        from facecli.data import resolve_lfw_dir
+        from facecli.engine.config import absolute
+
+        overrides["lfw_dir"] = absolute(resolve_lfw_dir(overrides["lfw_dir"], None))
     cfg = TrainConfig.from_dict(ckpt["train_config"], **{**overrides, "checkpoints_dir": str(checkpoints_dir)})
     if cfg.epochs <= int(ckpt["epoch"]) and int(ckpt.get("batch_in_epoch", 0)) == 0:
         raise UserError(
