@@ -28,6 +28,12 @@ BACKBONES: dict[str, type["Backbone"]] = {}
 
 
 def register_backbone(cls: type["Backbone"]) -> type["Backbone"]:
+    """Class decorator: make a :class:`Backbone` subclass ``--backbone cls.name``.
+
+    A name already taken is refused: silently replacing ``resnet18`` would also change
+    what an existing checkpoint of it is rebuilt with."""
+    if cls.name in BACKBONES and BACKBONES[cls.name] is not cls:
+        raise UserError(f"@register_backbone: a backbone named {cls.name!r} is already registered ({BACKBONES[cls.name].__name__}); choose another name.")
     BACKBONES[cls.name] = cls
     return cls
 

@@ -19,6 +19,7 @@ from typing import Callable, List, Optional
 
 import typer
 from rich.markup import escape
+from typer.core import TyperGroup
 
 from facecli import __version__
 from facecli.engine.runs import CHECKPOINT_NAMES
@@ -26,7 +27,23 @@ from facecli.errors import TrainingStopped, UserError
 from facecli.hardware import DEVICE_HELP
 from facecli.ui import console, err_console, progress, warn
 
+
+class _Commands(TyperGroup):
+    """The command group: plugins are loaded (and a broken one reported in one line) before any command or --help."""
+
+    def main(self, *args, **kwargs):
+        from facecli.cli_config import load_plugins
+
+        try:
+            load_plugins()
+        except UserError as e:
+            err_console.print(f"[bold red]error:[/bold red] {escape(str(e))}", markup=True, highlight=False, soft_wrap=True)
+            sys.exit(e.exit_code)
+        return super().main(*args, **kwargs)
+
+
 app = typer.Typer(
+    cls=_Commands,
     name="facecli",
     help="Train and evaluate margin-loss face-recognition models (SphereFace, CosFace, ArcFace, CurricularFace, FaceNet).",
     no_args_is_help=True,
@@ -140,10 +157,10 @@ def _print_training_result(result) -> None:
 
 
 def _train_parameters() -> list[inspect.Parameter]:
-    from facecli.cli_config import _param, choice_type, config_options, load_plugins
+    from facecli.cli_config import _param, choice_type, config_options, plugins_for_parameters
     from facecli.engine.config import choices
 
-    load_plugins()
+    plugins_for_parameters()
     fixed = [
         _param("model", Optional[choice_type("model", choices("model"))], typer.Argument(None, help="Loss to train (may come from --config instead).", show_default=False)),
         _param("config", Optional[Path], typer.Option(None, "--config", help="YAML, TOML or JSON file of settings (keys as in --print-config); flags override it.")),
@@ -171,32 +188,14 @@ def _train(**kw):
 
 
 def _train_config(kw: dict, settings):
-    """File < flags; the data folders resolved against --dataset-path / DATASET_PATH."""
-    from facecli.cli_config import file_origins, flag_origins, given_values
-    from facecli.data import resolve_lfw_dir, resolve_train_dir
-    from facecli.engine.config import TrainConfig, read_config_file
+    """File < flags, validated before any data is looked at; then the data folders (not for --print-config)."""
+    from facecli.cli_config import train_values, with_data_paths
+    from facecli.engine.config import TrainConfig
 
-    values: dict = {}
-    origins: dict = {}
-    if kw["config"] is not None:
-        values = read_config_file(kw["config"])
-        origins = file_origins(kw["config"], values)
-    flags = given_values(kw)
-    values.update(flags)
-    origins.update(flag_origins(flags))
-    if kw["model"]:
-        values["model"], origins["model"] = kw["model"].value, "MODEL"
-    if "model" not in values:
-        raise UserError("No model to train: name one (`facecli train arcface`) or set `model:` in the --config file.")
+    values, origins = train_values(kw, settings.checkpoints_dir, warn)
+    cfg = TrainConfig.build(values, origins)
     root = kw["dataset_path"] or settings.dataset_path
-    given_train = kw["train_rec"] or values.get("train_dir")
-    if kw["dataset_path"] is None and root is not None and given_train is None and not Path(root).expanduser().is_dir():
-        raise UserError(f"DATASET_PATH {str(root)!r} does not exist or is not a directory.", hint="Fix DATASET_PATH or pass --dataset-path.")
-    values["train_dir"] = str(resolve_train_dir(given_train, root))
-    lfw = resolve_lfw_dir(values.get("lfw_dir"), root)
-    values["lfw_dir"] = str(lfw) if lfw else None
-    values.setdefault("checkpoints_dir", str(settings.checkpoints_dir))
-    return TrainConfig.build(values, origins)
+    return with_data_paths(cfg, root, check=not kw["print_config"], root_given=kw["dataset_path"] is not None)
 
 
 train = app.command("train")(guarded_derived(_train, _train_parameters))
@@ -207,13 +206,14 @@ def _log(message: str) -> None:
 
 
 def _resume_parameters() -> list[inspect.Parameter]:
-    from facecli.cli_config import _param, choice_type, config_options, load_plugins, resume_keys
+    from facecli.cli_config import _param, choice_type, config_options, plugins_for_parameters, resume_keys
     from facecli.engine.config import choices
+    from facecli.engine.runs import MIN_LOSS_RULE
 
-    load_plugins()
+    plugins_for_parameters()
     fixed = [
         _param("model", choice_type("model", choices("model")), typer.Argument(..., help="The model of the run to continue.")),
-        _param("from_", ResumeFrom, typer.Option(ResumeFrom.latest, "--from", help="latest, min_loss or best checkpoint of the run.")),
+        _param("from_", ResumeFrom, typer.Option(ResumeFrom.latest, "--from", help=f"latest, min_loss or best checkpoint of the run. {MIN_LOSS_RULE} (none before the warm-up ends); best.pt: the best View 1 dev-test accuracy (--eval-every).")),
         _param("run", Optional[str], typer.Option(None, "--run", "--run-name", help="Run name (default: the newest run of MODEL). Under torchrun write --run-name (torchrun reads --run as its own --run-path).")),
     ]
     return fixed + config_options(keys=resume_keys())
@@ -296,21 +296,19 @@ def _embedder(checkpoint: Path, device: str | None, flip: bool, batch_size: int 
     return fm, Embedder(fm.net, fm.preprocess, dev, flip, batch_size, workers, amp)
 
 
-def _lfw_for_eval(lfw_dir: Optional[Path]) -> Path:
-    from facecli.data import resolve_lfw_dir
+def _lfw_for_eval(lfw_dir: Optional[Path], fm) -> Path:
+    """--lfw-dir, else the checkpoint's own lfw_dir while it exists, else LFW under DATASET_PATH."""
+    from facecli.data import lfw_for_evaluation
 
-    settings = _settings()
-    found = resolve_lfw_dir(lfw_dir, settings.dataset_path)
-    if found is None:
-        raise UserError("No LFW folder: pass --lfw-dir or set DATASET_PATH to a folder holding 'Labeled Faces in the Wild (LFW)' or lfw/.")
-    return found
+    saved = ((getattr(fm, "checkpoint", None) or {}).get("train_config") or {}).get("lfw_dir")
+    return lfw_for_evaluation(lfw_dir, saved, _settings().dataset_path)
 
 
 @app.command("eval-lfw")
 @guarded
 def eval_lfw(
     checkpoint: Path = typer.Argument(..., help="A facecli checkpoint (.pt)."),
-    lfw_dir: Optional[Path] = typer.Option(None, help="LFW folder (default: under DATASET_PATH)."),
+    lfw_dir: Optional[Path] = typer.Option(None, help="LFW folder (default: the checkpoint's own lfw_dir while it exists, else under DATASET_PATH)."),
     pairs: Optional[Path] = typer.Option(None, help="Pairs file (default: the LFW folder's pairs.txt, View 2)."),
     bin: Optional[Path] = typer.Option(None, "--bin", help="Evaluate an insightface lfw.bin instead of image folders."),
     flip: bool = typer.Option(True, "--flip/--no-flip", help="Flip test-time augmentation."),
@@ -330,7 +328,7 @@ def eval_lfw(
     if bin is not None:
         ev = evaluate_bin(embedder, bin, _progress_factory)
     else:
-        lfw = _lfw_for_eval(lfw_dir)
+        lfw = _lfw_for_eval(lfw_dir, fm)
         pair_set = read_pairs(resolve_pairs_arg(pairs, lfw, "pairs.txt"), find_image_root(lfw), allow_missing=allow_missing)
         ev = evaluate_pair_set(embedder, pair_set, _progress_factory, name="LFW")
     console.print(verification_table(ev.report, title=f"{ev.name} verification, {len(ev.scores)} pairs, 10-fold"))
@@ -386,7 +384,7 @@ def eval_sets(
 @guarded
 def tune_threshold_cmd(
     checkpoint: Path = typer.Argument(..., help="A facecli checkpoint (.pt)."),
-    lfw_dir: Optional[Path] = typer.Option(None, help="LFW folder (default: under DATASET_PATH)."),
+    lfw_dir: Optional[Path] = typer.Option(None, help="LFW folder (default: the checkpoint's own lfw_dir while it exists, else under DATASET_PATH)."),
     pairs: Optional[Path] = typer.Option(None, help="Pairs to choose the threshold on (default: pairsDevTrain.txt)."),
     test_pairs: Optional[Path] = typer.Option(None, help="Pairs to report accuracy on (default: pairsDevTest.txt)."),
     flip: bool = typer.Option(True, "--flip/--no-flip"),
@@ -396,15 +394,23 @@ def tune_threshold_cmd(
     save: bool = typer.Option(False, "--save/--no-save", help="Store the threshold in the checkpoint (atomically)."),
     json_out: Optional[Path] = typer.Option(None, "--json"),
     amp: bool = typer.Option(True, "--amp/--no-amp", help="Mixed precision on CUDA (as in training)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing picture (CHECKPOINT-NAME_threshold_curve.png) and --json file."),
 ):
-    """Choose the verification threshold on View 1 training pairs and report View 1 test accuracy."""
+    """Choose the verification threshold on View 1 training pairs and report View 1 test accuracy.
+
+    Writes CHECKPOINT-NAME_threshold_curve.png beside the checkpoint (or the --json file)."""
     from facecli.data.lfw import find_image_root, read_pairs
     from facecli.engine.checkpoint import set_threshold
     from facecli.evaluation.reports import save_threshold_curve, threshold_table
     from facecli.evaluation.runner import resolve_pairs_arg, tune_threshold, write_json
 
+    out_dir = json_out.parent if json_out else Path(checkpoint).parent
+    picture = out_dir / f"{Path(checkpoint).stem}_threshold_curve.png"
+    for path in (picture, json_out):
+        if path is not None and path.exists() and not overwrite:
+            raise UserError(f"{path} already exists.", hint="Pass --overwrite to replace it, or --json elsewhere.")
     fm, embedder = _embedder(checkpoint, device, flip, batch_size, workers, amp)
-    lfw = _lfw_for_eval(lfw_dir)
+    lfw = _lfw_for_eval(lfw_dir, fm)
     root = find_image_root(lfw)
     train_set = read_pairs(resolve_pairs_arg(pairs, lfw, "pairsDevTrain.txt"), root)
     test_set = read_pairs(resolve_pairs_arg(test_pairs, lfw, "pairsDevTest.txt"), root)
@@ -416,8 +422,7 @@ def tune_threshold_cmd(
         f"test-pairs accuracy {100 * choice.test_accuracy:.2f}% ({choice.test_pairs} pairs).",
         markup=False,
     )
-    out_dir = json_out.parent if json_out else Path(checkpoint).parent
-    picture = save_threshold_curve(choice.candidates, choice.accuracies, choice.threshold, out_dir / "threshold_curve.png")
+    picture = save_threshold_curve(choice.candidates, choice.accuracies, choice.threshold, picture)
     console.print(f"Picture: {picture}", markup=False)
     if save:
         set_threshold(checkpoint, choice.threshold, f"tune-threshold on {Path(pairs or 'pairsDevTrain.txt').name}")
@@ -508,11 +513,11 @@ def align(
 
 
 def _demo_parameters() -> list[inspect.Parameter]:
-    from facecli.cli_config import _param, choice_type, config_options, load_plugins
+    from facecli.cli_config import _param, choice_type, config_options, plugins_for_parameters
     from facecli.demo import DEMO_SETTINGS, HEAD_SETTINGS
     from facecli.engine.config import choices
 
-    load_plugins()
+    plugins_for_parameters()
     model = choice_type("model", choices("model"))
     fixed = [
         _param("out_dir", Path, typer.Option(Path("demo"), "--out", help="Where the synthetic set and the run go.")),

@@ -25,7 +25,7 @@ from typing import Any, Callable, List, Optional
 
 import typer
 
-from facecli.engine.config import TrainConfig, choices, flag_name
+from facecli.engine.config import TrainConfig, choices, flag_name, with_absolute_paths
 from facecli.errors import UserError
 
 PLUGIN_GROUP = "facecli.plugins"
@@ -33,20 +33,63 @@ PLUGIN_ENV = "FACECLI_PLUGINS"
 _loaded: set[str] = set()
 
 
+_failures: dict[tuple[str, ...], UserError] = {}  # plugin list -> the error it gave
+
+
 def load_plugins() -> None:
     """Import plugin modules (entry points in ``facecli.plugins``, or ``FACECLI_PLUGINS=mod1,mod2``):
-    importing one registers its losses and backbones."""
+    importing one registers its losses and backbones.
+
+    A plugin that cannot be imported, raises, or calls ``sys.exit`` while being imported is
+    one UserError naming it (remembered: every later call raises the same error without
+    importing it again).
+    """
     names = [ep.value for ep in entry_points(group=PLUGIN_GROUP)]
     names += [n.strip() for n in os.environ.get(PLUGIN_ENV, "").split(",") if n.strip()]
+    if tuple(names) in _failures:
+        raise _failures[tuple(names)]
     for name in names:
         if name in _loaded:
             continue
-        module = name.split(":")[0]
         try:
-            import_module(module)
-        except ImportError as e:
-            raise UserError(f"Plugin module {module!r} (from {PLUGIN_ENV} or the {PLUGIN_GROUP} entry points) cannot be imported: {e}.") from e
+            _import_plugin(name.split(":")[0])
+        except UserError as e:
+            _failures[tuple(names)] = e
+            raise
         _loaded.add(name)
+
+
+def _import_plugin(module: str) -> None:
+    where = f"Plugin module {module!r} (from {PLUGIN_ENV} or the {PLUGIN_GROUP} entry points)"
+    try:
+        import_module(module)
+    except ImportError as e:
+        raise UserError(f"{where} cannot be imported: {e}.") from e
+    except SyntaxError as e:
+        raise UserError(f"{where} has a syntax error: {e.filename}, line {e.lineno}: {e.msg}.") from e
+    except UserError as e:  # e.g. a registration facecli refuses
+        raise UserError(f"{where}: {e}") from e
+    except SystemExit as e:
+        raise UserError(f"{where} called sys.exit({e.code!r}) while being imported; a plugin must only register its losses and backbones.") from None
+    except Exception as e:
+        raise UserError(f"{where} failed while being imported: {_plugin_line(e)}{type(e).__name__}: {e}.") from e
+
+
+def _plugin_line(e: BaseException) -> str:
+    """``file.py, line N: `` of the plugin's own frame that raised (the last one in its traceback)."""
+    import traceback
+
+    frames = traceback.extract_tb(e.__traceback__)
+    return f"{frames[-1].filename}, line {frames[-1].lineno}: " if frames else ""
+
+
+def plugins_for_parameters() -> None:
+    """Load plugins while Typer builds the commands; a failure is reported by the command
+    group before any command (or ``--help``) runs, so here it is only left out."""
+    try:
+        load_plugins()
+    except UserError:
+        pass
 
 
 class DerivedCommand:
@@ -178,4 +221,80 @@ def flag_origins(values: dict[str, Any]) -> dict[str, str]:
 
 
 def file_origins(path: Path, values: dict[str, Any]) -> dict[str, str]:
-    return {k: f"{path}: {k}" for k in values}
+    from facecli.engine.config import shorten
+
+    return {k: f"{path}: {shorten(str(k))}" for k in values}
+
+
+# --------------------------------------------------------------------------- train's configuration
+
+
+def train_values(kw: dict[str, Any], checkpoints_dir: Path, warn: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, str]]:
+    """(values, origins) of ``train``: the --config file < the flags < MODEL; no data is looked at."""
+    from facecli.engine.config import read_config_file
+
+    values: dict = {}
+    origins: dict = {}
+    if kw["config"] is not None:
+        values = read_config_file(kw["config"])
+        origins = file_origins(kw["config"], values)
+    flags = given_values(kw)
+    if kw["model"] and values.get("model") not in (None, kw["model"].value):
+        _drop_other_loss_options(kw["config"], values, flags, kw["model"].value, warn)
+    values.update(flags)
+    origins.update(flag_origins(flags))
+    if kw["model"]:
+        values["model"], origins["model"] = kw["model"].value, "MODEL"
+    if "model" not in values:
+        raise UserError("No model to train: name one (`facecli train arcface`) or set `model:` in the --config file.")
+    if kw["train_rec"]:
+        values["train_dir"], origins["train_dir"] = str(kw["train_rec"]), "--train-rec"
+    values.setdefault("checkpoints_dir", str(checkpoints_dir))
+    return values, origins
+
+
+def _drop_other_loss_options(path: Path, values: dict, flags: dict, model: str, warn: Callable[[str], None]) -> None:
+    """A file written for another loss: its loss hyper-parameters are that loss's, not ``model``'s.
+
+    ArcFace's margin 0.5 is not CosFace's 0.35 (nor on the same scale): the new loss starts
+    from its own defaults (flags still set them), and one line says so.
+    """
+    from facecli.engine.config import _loss_option_names
+    from facecli.losses import LOSSES
+
+    dropped = {k: values.pop(k) for k in list(values) if k in _loss_option_names() and k not in flags}
+    if not dropped:
+        return
+    cls = LOSSES.get(model)
+    defaults = ", ".join(f"{h.option} {h.default:g}" for h in cls.hyper_parameters()) if cls is not None else ""
+    shown = ", ".join(f"{k} {v}" for k, v in dropped.items())
+    warn(f"{path}: was written for {values.get('model')}; its {shown} are not used for {model}, which starts from its own defaults"
+         + (f" ({defaults})" if defaults else "") + "; give --margin/--scale to change them.")
+
+
+def with_data_paths(cfg: TrainConfig, dataset_path, *, check: bool, root_given: bool) -> TrainConfig:
+    """``cfg`` with its data folders found (under the dataset root when not given) and every path absolute.
+
+    ``check`` (training): the training folder must exist. Without it (``--print-config``)
+    nothing needs to exist: a folder that cannot be found stays as given (None when not given).
+    Absolute paths: a saved or printed config works from any folder.
+    """
+    from facecli.data import resolve_lfw_dir, resolve_train_dir
+
+    root = dataset_path
+    if check:
+        if not root_given and root is not None and cfg.train_dir is None and not Path(root).expanduser().is_dir():
+            raise UserError(f"DATASET_PATH {str(root)!r} does not exist or is not a directory.", hint="Fix DATASET_PATH or pass --dataset-path.")
+        train, lfw = resolve_train_dir(cfg.train_dir, root), resolve_lfw_dir(cfg.lfw_dir, root)
+    else:
+        train = _found_or(lambda: resolve_train_dir(cfg.train_dir, root), cfg.train_dir)
+        lfw = _found_or(lambda: resolve_lfw_dir(cfg.lfw_dir, root), cfg.lfw_dir)
+    paths = {"train_dir": train, "lfw_dir": lfw, "identities_file": cfg.identities_file, "checkpoints_dir": cfg.checkpoints_dir}
+    return cfg.model_copy(update=with_absolute_paths(paths))
+
+
+def _found_or(find: Callable[[], Any], given: Any) -> Any:
+    try:
+        return find()
+    except UserError:
+        return given

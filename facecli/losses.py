@@ -393,7 +393,7 @@ def _registrar(registry: dict, base: type, what: str, also: Callable | None = No
             if not (isinstance(cls, type) and issubclass(cls, base)):
                 raise TypeError(f"@{what}({name!r}) must decorate a {base.__name__} subclass, got {cls!r}")
             if name in registry and registry[name] is not cls:
-                raise ValueError(f"a {'margin head' if base is MarginHead else 'loss'} named {name!r} is already registered ({registry[name].__name__})")
+                raise UserError(f"@{what}({name!r}): a {'margin head' if base is MarginHead else 'loss'} named {name!r} is already registered ({registry[name].__name__}); choose another name.")
             if getattr(cls, "needs_embedding_norm", False) and (cls.normalize_embeddings or cls.shardable):
                 raise TypeError(f"@{what}({name!r}): a loss that needs the embedding norm cannot have it normalised away or sharded")
             if also is not None:

@@ -1,7 +1,7 @@
 """Settings from the environment and ``.env`` (pydantic-settings); CLI flags override them.
 
 Keys (see ``.env.example``): ``DATASET_PATH``, ``CHECKPOINTS_DIR``, ``WANDB_API_KEY``,
-``WANDB_PROJECT``, ``WANDB_ENTITY``, ``WANDB_MODE``. The W&B key is a ``SecretStr``: its
+``WANDB_PROJECT``, ``WANDB_ENTITY``, ``WANDB_MODE``, ``FACECLI_CACHE_DIR``. The W&B key is a ``SecretStr``: its
 repr is masked and it is never written to a run directory or a checkpoint.
 
 A ``.env`` line that is malformed or names an unknown key is *warned about*, not fatal:
@@ -10,12 +10,14 @@ a typo in ``.env`` must not stop a training run, but it must not pass silently e
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import re
 from pathlib import Path
 from typing import Callable, Literal
 
-from pydantic import SecretStr, field_validator
+from pydantic import SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from facecli.errors import UserError
@@ -35,8 +37,9 @@ class Settings(BaseSettings):
     wandb_project: str = "facecli"
     wandb_entity: str | None = None
     wandb_mode: Literal["online", "offline", "disabled"] | None = None
+    facecli_cache_dir: Path | None = None  # where folder indexes are cached (facecli.data.index)
 
-    @field_validator("wandb_api_key", "wandb_entity", "wandb_mode", "dataset_path", mode="before")
+    @field_validator("wandb_api_key", "wandb_entity", "wandb_mode", "dataset_path", "facecli_cache_dir", mode="before")
     @classmethod
     def _blank_is_none(cls, v):
         return None if isinstance(v, str) and not v.strip() else v
@@ -77,9 +80,35 @@ def load_settings(warn: Callable[[str], None] | None = None) -> Settings:
         if warn:
             warn(line)
     try:
-        return Settings()
-    except Exception as e:  # pydantic ValidationError: a user's value, one line
-        first = str(e).splitlines()
-        detail = "; ".join(s.strip() for s in first[1:3]) if len(first) > 1 else str(e)
-        raise UserError(f"Invalid setting in the environment or {ENV_FILE}: {detail}.") from e
+        with _dotenv_quiet():  # python-dotenv warns about the lines warned about above, again
+            settings = Settings()
+    except ValidationError as e:  # a user's value, one line
+        err = e.errors()[0]
+        key = str(err["loc"][0]).upper() if err.get("loc") else "a setting"
+        msg = err["msg"].removeprefix("Value error, ")
+        got = str(err.get("input"))
+        got = got if len(got) <= 60 else got[:57] + "..."
+        raise UserError(f"Invalid setting {key} in the environment or {ENV_FILE}: {msg[0].lower() + msg[1:]}, got {got!r}.") from None
+    _export_cache_dir(settings)
+    return settings
+
+
+@contextlib.contextmanager
+def _dotenv_quiet():
+    logger = logging.getLogger("dotenv.main")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _export_cache_dir(settings: Settings) -> None:
+    """FACECLI_CACHE_DIR from ``.env`` reaches the folder index, which reads the environment
+    (the environment's own value wins, as for every setting)."""
+    from facecli.data.index import CACHE_ENV
+
+    if settings.facecli_cache_dir is not None and not os.environ.get(CACHE_ENV):
+        os.environ[CACHE_ENV] = str(settings.facecli_cache_dir)
 

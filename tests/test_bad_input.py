@@ -417,4 +417,4 @@ def test_env_file_mistakes_are_warnings_not_fatal(tmp_path, synth_root):
 def test_env_file_bad_value_is_one_error(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_MODE")  # the environment would override .env
     (tmp_path / ".env").write_text("WANDB_MODE=sometimes\n")
-    user_error(cli(*TRAIN), "Invalid setting", ".env", "wandb_mode")
+    user_error(cli(*TRAIN), "Invalid setting", ".env", "WANDB_MODE")  # the key as written in .env

@@ -17,7 +17,7 @@ import pytest
 import torch
 from conftest import LFW_DIR, cli, requires_shared
 
-from facecli.engine.checkpoint import load_checkpoint
+from facecli.engine.checkpoint import load_checkpoint, save_checkpoint
 from facecli.evaluation.protocol import best_threshold, verify
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -110,7 +110,9 @@ def test_eval_lfw_agrees_with_verify_on_embed_output(trained_checkpoint, synth_l
 
 def test_eval_lfw_as_written_with_dataset_path(trained_checkpoint, synth_root, tmp_path, monkeypatch):
     """`facecli eval-lfw run.pt` with nothing else when DATASET_PATH holds 'Labeled Faces in the Wild (LFW)'."""
-    copy_checkpoint(trained_checkpoint, tmp_path)  # the autouse fixture made tmp_path the working directory
+    ckpt = load_checkpoint(trained_checkpoint)  # without its run's lfw_dir (eval-lfw's first default)
+    ckpt["train_config"]["lfw_dir"] = None
+    save_checkpoint(ckpt, tmp_path / "run.pt")  # the autouse fixture made tmp_path the working directory
     r = cli("eval-lfw", "run.pt")
     assert r.exit_code == 2
     assert "No LFW folder" in r.stderr and "Traceback" not in r.output
@@ -138,6 +140,7 @@ def test_eval_lfw_allow_missing_counts_dropped_pairs(trained_checkpoint, synth_l
     r = cli(*args)
     assert r.exit_code == 2
     assert "missing" in r.stderr and gone.name in r.stderr and "Traceback" not in r.output
+    assert "--allow-missing" in " ".join(r.stderr.split())
     assert not out.exists()
 
     r = cli(*args, "--allow-missing")

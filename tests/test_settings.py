@@ -116,10 +116,15 @@ def test_dataset_path_that_is_a_file_is_one_line(tmp_path):
     assert "--dataset-path" in line and str(f) in line
 
 
-def test_no_dataset_configured_at_all_is_one_line_naming_both_ways(trained_checkpoint):
+def test_no_dataset_configured_at_all_is_one_line_naming_both_ways(trained_checkpoint, tmp_path):
+    from facecli.engine.checkpoint import load_checkpoint, save_checkpoint
+
     line = one_line_error(cli("train", "arcface", *fast_args()))
     assert "DATASET_PATH" in line and "--dataset-path" in line
-    line = one_line_error(cli("eval-lfw", trained_checkpoint, "--device", "cpu"))
+    ckpt = load_checkpoint(trained_checkpoint)  # a checkpoint without its run's lfw_dir (eval-lfw's other default)
+    ckpt["train_config"]["lfw_dir"] = None
+    save_checkpoint(ckpt, tmp_path / "no_lfw.pt")
+    line = one_line_error(cli("eval-lfw", tmp_path / "no_lfw.pt", "--device", "cpu"))
     assert "No LFW folder" in line and "DATASET_PATH" in line and "--lfw-dir" in line
 
 

@@ -60,6 +60,26 @@ def resolve_lfw_dir(lfw_dir: str | os.PathLike | None, dataset_path: str | os.Pa
     return None
 
 
+def lfw_for_evaluation(given: str | os.PathLike | None, saved: str | None, dataset_path: str | os.PathLike | None) -> Path:
+    """``--lfw-dir``, else the run's own LFW folder (its checkpoint's ``lfw_dir``) while it exists,
+    else LFW under ``DATASET_PATH``; else one error saying what is wrong with each."""
+    if given is not None:
+        return resolve_lfw_dir(given, None)
+    if saved and Path(saved).expanduser().is_dir():
+        return Path(saved).expanduser()
+    found = resolve_lfw_dir(None, dataset_path)
+    if found is not None:
+        return found
+    why = f" (the checkpoint's lfw_dir {str(saved)!r} no longer exists)" if saved else ""
+    expected = " or ".join(repr(n) for n in LFW_SUBDIRS)
+    if dataset_path is None:
+        raise UserError(f"No LFW folder{why}: pass --lfw-dir, or set DATASET_PATH to a folder holding {expected}.")
+    root = Path(dataset_path).expanduser()
+    if not root.is_dir():
+        raise UserError(f"No LFW folder{why}: DATASET_PATH {str(root)!r} does not exist or is not a directory; fix it or pass --lfw-dir.")
+    raise UserError(f"No LFW folder{why}: DATASET_PATH {str(root)!r} exists but holds no {expected} folder; pass --lfw-dir or fix DATASET_PATH.")
+
+
 def build_train_dataset(
     train_dir: Path,
     preprocess: Preprocess,

@@ -280,7 +280,7 @@ def _refuse_missing(src: Path, root: Path, n_pairs: int, kept: list, dropped: li
         more = f" and {len(dropped) - _SHOW_MISSING} more" if len(dropped) > _SHOW_MISSING else ""
         raise UserError(
             f"{src}: {len(dropped)} of {n_pairs} pairs refer to images missing under {root}: {shown}{more}.",
-            hint="Check that the image root belongs to this pairs file, or allow missing images to "
+            hint="Check that the image root belongs to this pairs file, or pass --allow-missing to "
             "evaluate without those pairs (reported as missing).",
         )
     if not kept:

@@ -757,7 +757,7 @@ def _check_pack_paths(src: Path, out: Path, targets: dict[str, Path], overwrite:
     if not overwrite and any(targets[n].exists() for n in (REC_NAME, IDX_NAME)):
         raise UserError(
             f"{out}: already holds a packed set ({REC_NAME}/{IDX_NAME}).",
-            hint="Choose another output folder or allow overwriting.",
+            hint="Choose another output folder or pass --overwrite.",
         )
 
 

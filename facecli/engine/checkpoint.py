@@ -93,13 +93,12 @@ def load_checkpoint(path: str | os.PathLike, expect_model: str | None = None) ->
                 hint="facecli only loads weights; re-save it with facecli or from a trusted source.",
             ) from e
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        reason = next((line for line in lines if line.startswith("Unsupported operand")), lines[0] if lines else type(e).__name__)
         raise CheckpointError(
-            f"{str(p)!r} is damaged or not a PyTorch checkpoint ({reason[:160]}).",
+            f"{str(p)!r} is damaged or not a PyTorch checkpoint (its contents are not PyTorch's saved data).",
             hint="Use another checkpoint of the run (min_loss.pt or an epoch_NNN.pt).",
         ) from e
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, AttributeError, KeyError, IndexError, struct.error) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        first = f"no entry {e}" if isinstance(e, KeyError) else (str(e).splitlines()[0] if str(e) else "unreadable")
         raise CheckpointError(
             f"{str(p)!r} is damaged or not a PyTorch checkpoint ({first[:160]}).",
             hint="Use another checkpoint of the run (min_loss.pt or an epoch_NNN.pt).",

@@ -47,13 +47,13 @@ def setting(default: Any, help: str, *, flag: str | None = None, choices: str | 
 class TrainConfig(BaseModel):
     """Every choice of a training run."""
 
-    model_config = ConfigDict(extra="allow", validate_assignment=False)
+    model_config = ConfigDict(extra="allow", validate_assignment=False, allow_inf_nan=False)
 
     model: str = setting(..., "Loss: sphereface, cosface, arcface, curricularface or facenet (and registered plugins).", choices="losses")
     # data
     train_dir: str | None = setting(None, "Folder of identity folders, or of train.rec/train.idx (default: under the dataset root).", resume=True)
     identities_file: str | None = setting(None, "Train only on the identities listed in this file (e.g. LFW's peopleDevTrain.txt).", flag="identities")
-    lfw_dir: str | None = setting(None, "LFW folder for evaluation (default: under the dataset root).")
+    lfw_dir: str | None = setting(None, "LFW folder for evaluation (default: under the dataset root).", resume=True)
     image_size: int = setting(112, "Input size in pixels (square).", ge=16)
     crop_fraction: float | None = setting(None, "Centre crop before resizing (default: 0.6 for 250x250 images, else 1).", gt=0, le=1)
     images_per_identity: int = setting(4, "FaceNet: K images per identity in each P x K batch.", ge=2)
@@ -89,7 +89,7 @@ class TrainConfig(BaseModel):
     scale_warmup: bool = setting(
         True, "During the margin warm-up, also ramp the logit scale from AdaCos's sqrt(2) ln(C-1) (C classes) up to s (--no-scale-warmup: s from the start)."
     )
-    seed: int = setting(0, "Random seed (data order, flips, initialisation).")
+    seed: int = setting(0, "Random seed (data order, flips, initialisation).", ge=0, le=2**32 - 1)
     # hardware
     device: str = setting("auto", f"{DEVICE_HELP}.", resume=True)
     amp: bool = setting(True, "Mixed precision on CUDA (bf16 where the GPU has it, else fp16 with loss scaling).", resume=True)
@@ -105,7 +105,7 @@ class TrainConfig(BaseModel):
     keep_epochs: int = setting(3, "How many epoch_NNN.pt files to keep.", ge=1)
     log_every: int = setting(10, "Read loss, lr and images/s back from the device and log them every N steps.", ge=1)
     # evaluation
-    eval: bool = setting(True, "Tune the threshold on View 1 and report View 2 at the end.")
+    eval: bool = setting(True, "Tune the threshold on View 1 and report View 2 at the end.", resume=True)
     eval_every: int = setting(0, "Evaluate View 1 every N epochs and keep best.pt (0: never).", ge=0)
     flip: bool = setting(True, "Flip test-time augmentation in evaluation.")
     eval_batch_size: int | None = setting(None, "Evaluation batch size (default: as large as the device takes).", ge=1)
@@ -115,6 +115,17 @@ class TrainConfig(BaseModel):
     wandb_artifacts: bool = setting(False, "Upload checkpoints as W&B artifacts.")
 
     # ------------------------------------------------------------------ validation
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, values: Any) -> Any:
+        """``epochs: true`` is a mistake, not 1: pydantic would read a bool as a number."""
+        if isinstance(values, dict):
+            for key, value in values.items():
+                field = cls.model_fields.get(key)
+                if field is not None and isinstance(value, bool) and bool not in _types(field.annotation) and {int, float} & set(_types(field.annotation)):
+                    raise _FieldError(key, f"must be {_rule(field, field.annotation)}", got=value)
+        return values
+
     @model_validator(mode="after")
     def _resolve(self) -> "TrainConfig":
         from facecli.losses import LOSSES
@@ -139,7 +150,7 @@ class TrainConfig(BaseModel):
         if self.sharded_head and not loss.shardable:
             raise _FieldError("sharded_head", f"applies to margin heads, not {self.model}")
         if not is_device_name(self.device):
-            raise _FieldError("device", f": Unknown device {self.device!r}. Use {DEVICE_HELP}", got=None)
+            raise _FieldError("device", f": Unknown device {shorten(repr(self.device))}. Use {DEVICE_HELP}", got=None)
         self._resolve_loss_options(loss)
         return self
 
@@ -207,7 +218,7 @@ _ORIGINS: ContextVar[dict[str, str]] = ContextVar("facecli_config_origins", defa
 
 
 def _show(value: Any) -> str:
-    return repr(value) if isinstance(value, str) else str(value)
+    return shorten(repr(value) if isinstance(value, str) else str(value))
 
 
 def _rule(field, annotation) -> str:
@@ -220,10 +231,14 @@ def _rule(field, annotation) -> str:
     if hi is None and limits.get("Ge") == 0:
         return f"a non-negative {kind}"
     if lo is not None and hi is not None:
-        return f"a {kind} in {'(' if 'Gt' in limits else '['}{lo}, {hi}{')' if 'Lt' in limits else ']'}"
+        return f"{_a(kind)} {kind} in {'(' if 'Gt' in limits else '['}{lo}, {hi}{')' if 'Lt' in limits else ']'}"
     if lo is not None:
-        return f"a {kind} {'>' if 'Gt' in limits else '>='} {lo}"
+        return f"{_a(kind)} {kind} {'>' if 'Gt' in limits else '>='} {lo}"
     return f"a valid {kind}" if kind in ("integer", "number") else "valid"
+
+
+def _a(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
 
 
 def _types(annotation) -> tuple:
@@ -268,6 +283,7 @@ def flag_name(key: str) -> str:
 
 def _user_error(e: ValidationError, values: dict, origins: dict[str, str]) -> UserError:
     err = e.errors()[0]
+    err["msg"] = err["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
     key = str(err["loc"][0]) if err.get("loc") else ""
     if err["type"] == "value_error" and isinstance((err.get("ctx") or {}).get("error"), _FieldError):
         return err["ctx"]["error"].as_user_error(values, origins)
@@ -315,24 +331,49 @@ def all_keys() -> set[str]:
 CONFIG_FILE = "config.yaml"  # the resolved configuration every run writes
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a settings file is a few KB; a larger one is not a config (or is a bomb)
+
+
 def read_config_file(path: Path) -> dict[str, Any]:
-    """A YAML, TOML or JSON mapping of settings; a malformed file is one UserError line."""
+    """A YAML, TOML or JSON mapping of settings; a malformed file is one UserError line.
+
+    The run's ``config.json`` record is read too (its ``config`` entry). YAML aliases are
+    refused and the size is capped: a few hundred bytes of nested aliases otherwise expand
+    to gigabytes.
+    """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise UserError(f"Config file {str(path)!r} is {size:,} bytes; a settings file is at most {MAX_CONFIG_BYTES:,}.")
+        text = path.read_bytes()[: MAX_CONFIG_BYTES + 1].decode("utf-8")
     except OSError as e:
         raise UserError(f"Config file {str(path)!r} cannot be read ({e.strerror or e}).") from e
+    except UnicodeDecodeError as e:
+        raise UserError(f"Config file {str(path)!r} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}).") from None
     try:
         data = _parse(path, text)
+    except _FileProblem as e:
+        raise UserError(f"Config file {str(path)!r}: {e}") from None
     except Exception as e:  # each parser has its own error type; all mean "not a valid file"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"Config file {str(path)!r} is not valid {_kind(path)}: {first}.") from e
+        raise UserError(f"Config file {str(path)!r} is not valid {_kind(path)}: {shorten(first, 200)}.") from e
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise UserError(f"Config file {str(path)!r} must hold a mapping of settings (key: value), not a {type(data).__name__}.")
+    if "model" not in data and isinstance(data.get("config"), dict):  # a run's config.json record
+        data = data["config"]
+    for key in data:
+        if not isinstance(key, str):
+            raise UserError(f"Config file {str(path)!r}: key {shorten(repr(key))} is not a setting name (keys are names such as epochs).")
     _refuse_secrets(path, data)
     return data
+
+
+def shorten(text: str, limit: int = 80) -> str:
+    """``text`` cut to ``limit`` characters: values quoted in an error stay one short line."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _kind(path: Path) -> str:
@@ -342,14 +383,64 @@ def _kind(path: Path) -> str:
 def _parse(path: Path, text: str):
     kind = _kind(path)
     if kind == "JSON":
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=lambda pairs: _no_duplicates(path, pairs))
     if kind == "TOML":
         import tomllib
 
         return tomllib.loads(text)
     import yaml
 
-    return yaml.safe_load(text)
+    return yaml.load(text, Loader=_config_loader())
+
+
+class _FileProblem(ValueError):
+    """Something a parser accepts that a config file must not hold (aliases, a key given twice)."""
+
+
+def _no_duplicates(path: Path, pairs) -> dict:
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise _FileProblem(f"key {shorten(repr(key))} is given twice; keep one.")
+        out[key] = value
+    return out
+
+
+_LOADER = None
+
+
+def _config_loader():
+    """yaml's SafeLoader without aliases or duplicate keys, reading ``1e2`` as a number (YAML 1.2)."""
+    global _LOADER
+    if _LOADER is not None:
+        return _LOADER
+    import re
+
+    import yaml
+
+    class ConfigLoader(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                mark = self.peek_event().start_mark
+                raise _FileProblem(f"line {mark.line + 1}: YAML aliases (*name) are not allowed in a config file; write the value out.")
+            return super().compose_node(parent, index)
+
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if isinstance(key, (str, int, float, bool)) and key in seen:
+                    raise _FileProblem(f"line {key_node.start_mark.line + 1}: key {shorten(repr(key))} is given twice; keep one.")
+                seen.add(key) if isinstance(key, (str, int, float, bool)) else None
+            return super().construct_mapping(node, deep)
+
+    ConfigLoader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+        list("-+0123456789"),
+    )
+    _LOADER = ConfigLoader
+    return ConfigLoader
 
 
 def _refuse_secrets(path: Path, data: dict) -> None:
@@ -361,9 +452,24 @@ def _refuse_secrets(path: Path, data: dict) -> None:
             )
 
 
+PATH_KEYS = ("train_dir", "identities_file", "lfw_dir", "checkpoints_dir")
+
+
+def absolute(path) -> str | None:
+    """``path`` as an absolute, normalised string (``~`` expanded); None stays None."""
+    import os
+
+    return None if path is None else os.path.abspath(os.path.expanduser(str(path)))
+
+
+def with_absolute_paths(data: dict[str, Any]) -> dict[str, Any]:
+    """A configuration dict whose paths are absolute: a saved config works from any folder."""
+    return {k: absolute(v) if k in PATH_KEYS else v for k, v in data.items()}
+
+
 def dump_yaml(cfg: TrainConfig) -> str:
-    """The resolved configuration as YAML that :func:`read_config_file` reads back."""
+    """The resolved configuration as YAML that :func:`read_config_file` reads back (paths absolute)."""
     import yaml
 
-    data = cfg.model_dump()
+    data = with_absolute_paths(cfg.model_dump())
     return yaml.safe_dump(data, sort_keys=False, default_flow_style=False)

@@ -12,6 +12,8 @@ from pathlib import Path
 from facecli.errors import UserError
 
 LATEST, MIN_LOSS, BEST = "latest.pt", "min_loss.pt", "best.pt"
+# What min_loss.pt means (also said by `resume --help` and the README).
+MIN_LOSS_RULE = "min_loss.pt is the epoch of lowest mean loss among those trained with the final head, after the margin and scale warm-ups"
 CHECKPOINT_NAMES = {"latest": LATEST, "min_loss": MIN_LOSS, "best": BEST}  # ``resume --from`` choices
 RUN_NAME_FORMAT = "%Y%m%d-%H%M%S"  # the default run name: the start time
 
@@ -66,8 +68,9 @@ def find_run_checkpoint(checkpoints_dir: Path, model: str, run: str | None, whic
     path = run_dir / CHECKPOINT_NAMES[which]
     if not path.is_file():
         others = [k for k, name in CHECKPOINT_NAMES.items() if k != which and (run_dir / name).is_file()]
+        why = {"min_loss": f" {MIN_LOSS_RULE}; no such epoch has finished yet (the warm-up covers every epoch so far)", "best": " (best.pt is written with --eval-every N)"}
         raise UserError(
-            f"Run {str(run_dir)!r} has no {path.name}.",
+            f"Run {str(run_dir)!r} has no {path.name}{why.get(which, '') if (run_dir / 'latest.pt').is_file() else ''}.",
             hint=f"Try --from {others[0]}." if others else "It holds no checkpoint to resume from; start the run again with `facecli train`.",
         )
     return path
@@ -81,9 +84,9 @@ TRAINING_STATE_KEYS = ("train_config", "epoch", "batch_in_epoch", "step", "optim
 def prepare_resume(checkpoints_dir: Path, model: str, run: str | None, which: str, overrides: dict | None = None):
     """(path, configuration with ``overrides`` applied, loaded checkpoint) to resume from.
 
-    Overrides are the run-environment settings (device, workers, amp, wandb, train_dir moved)
-    and ``epochs`` (a new total): the settings marked ``resume`` in TrainConfig. Everything
-    else comes from the checkpoint.
+    Overrides are the run-environment settings (device, workers, amp, wandb, train_dir moved,
+    lfw_dir, eval) and ``epochs`` (a new total): the settings marked ``resume`` in TrainConfig.
+    Everything else comes from the checkpoint.
     """
     overrides = dict(overrides or {})
     from facecli.engine.checkpoint import CheckpointError, load_checkpoint
@@ -99,6 +102,11 @@ def prepare_resume(checkpoints_dir: Path, model: str, run: str | None, which: st
         )
     if overrides.get("train_dir") is not None:
         overrides["train_dir"] = str(overrides["train_dir"])
+    if overrides.get("lfw_dir") is not None:  # --lfw-dir: the folder must exist; stored absolute
+        from facecli.data import resolve_lfw_dir
+        from facecli.engine.config import absolute
+
+        overrides["lfw_dir"] = absolute(resolve_lfw_dir(overrides["lfw_dir"], None))
     cfg = TrainConfig.from_dict(ckpt["train_config"], **{**overrides, "checkpoints_dir": str(checkpoints_dir)})
     if cfg.epochs <= int(ckpt["epoch"]) and int(ckpt.get("batch_in_epoch", 0)) == 0:
         raise UserError(
@@ -140,5 +148,5 @@ def write_run_record(run_dir: Path, cfg, record: dict) -> None:
     from facecli.io import atomic_write
 
     atomic_write(run_dir / "config.json", lambda f: f.write(json.dumps(record, indent=2).encode()))
-    text = f"# facecli train --config {CONFIG_FILE} starts this run again (add --run-name NEW).\n" + dump_yaml(cfg)
+    text = f"# facecli train --config {CONFIG_FILE} (or config.json) starts this run again (add --run-name NEW); paths are absolute.\n" + dump_yaml(cfg)
     atomic_write(run_dir / CONFIG_FILE, lambda f: f.write(text.encode()))

@@ -12,7 +12,7 @@ class TrainState:
     step: int = 0  # optimizer steps (skipped ones included)
     epoch_loss_sum: float = 0.0  # sum of this epoch's per-step global-batch losses so far
     epoch_loss_count: int = 0
-    min_loss: float | None = None  # lowest mean epoch loss (min_loss.pt)
+    min_loss: float | None = None  # lowest mean epoch loss after the warm-ups (min_loss.pt)
     best_dev_accuracy: float | None = None  # best View 1 dev-test accuracy (best.pt)
     threshold: float | None = None  # the View 1 threshold of the final weights
 
@@ -32,10 +32,14 @@ class TrainState:
             threshold=ckpt.get("threshold"),
         )
 
-    def end_epoch(self) -> tuple[float, bool]:
-        """Close the epoch: (its mean loss, whether it is the lowest so far)."""
+    def end_epoch(self, final_head: bool = True) -> tuple[float, bool]:
+        """Close the epoch: (its mean loss, whether it is the lowest so far).
+
+        ``final_head``: the epoch was trained with the final margin and scale throughout.
+        Only such epochs compete for min_loss.pt: during the warm-ups the loss is that of an
+        easier head, so an early, barely trained epoch would otherwise always look best."""
         mean = self.epoch_loss_sum / max(1, self.epoch_loss_count)
-        improved = self.min_loss is None or mean < self.min_loss
+        improved = final_head and (self.min_loss is None or mean < self.min_loss)
         if improved:
             self.min_loss = mean
         self.epoch += 1

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import signal
+from pathlib import Path
 
 from facecli.errors import TrainingStopped
 
@@ -30,9 +31,13 @@ def bad_step(first_bad: int, bad_loss: float, steps_per_epoch: int, run_dir, lr:
     spe = steps_per_epoch
     where = f"step {first_bad + 1} (epoch {first_bad // spe + 1}, batch {first_bad % spe + 1})"
     what = f"Loss became {bad_loss}" if not math.isfinite(bad_loss) else f"A gradient became non-finite (loss {bad_loss:.4f})"
+    if (Path(run_dir) / "latest.pt").is_file():
+        kept, then = f"The last good checkpoint in {run_dir} is kept.", "resume or restart"
+    else:
+        kept, then = f"No checkpoint had been written yet ({run_dir} holds none to resume).", "restart"
     return TrainingStopped(
-        f"{what} at {where}; that update was skipped and the run stopped. The last good checkpoint in {run_dir} is kept. "
-        f"Try a lower learning rate (e.g. --lr {lr / 10:g}) and resume or restart.",
+        f"{what} at {where}; that update was skipped and the run stopped. {kept} "
+        f"Try a lower learning rate (e.g. --lr {lr / 10:g}) and {then}.",
         exit_code=BAD_STEP_EXIT_CODE,
     )
 

@@ -43,7 +43,7 @@ from facecli.engine import distributed as dist_utils
 from facecli.engine import runs, stops
 from facecli.engine.checkpoint import load_checkpoint, new_checkpoint
 from facecli.engine.checkpoint_manager import CheckpointManager, capture_rng, restore_rng
-from facecli.engine.config import TrainConfig
+from facecli.engine.config import TrainConfig, with_absolute_paths
 from facecli.engine.device import configure_backends, memory_report, resolve_device
 from facecli.engine.hooks import HookContext, Hooks, default_hooks
 from facecli.engine.step import DeviceStats, Interval, StepRunner
@@ -214,7 +214,7 @@ class Trainer:
         self.checkpoints.clear_temporaries()
         parts = self.parts
         record = {
-            "config": scrub(self.cfg.to_dict()),
+            "config": scrub(with_absolute_paths(self.cfg.to_dict())),
             "run_name": self.run_name,
             "classes": len(parts.classes),
             "images": len(parts.dataset),
@@ -366,7 +366,7 @@ class Trainer:
     def _end_epoch(self) -> None:
         s = self.state
         self._read(self.stats.flush(s.step))
-        mean, improved = s.end_epoch()
+        mean, improved = s.end_epoch(final_head=self._final_head_epoch(s.epoch))
         self.stats.new_epoch()
         added = self.hooks.epoch_end(self.ctx, s.epoch)
         names = [runs.LATEST] + ([runs.MIN_LOSS] if improved else []) + list(added.names)
@@ -374,6 +374,12 @@ class Trainer:
         record = {"epoch": s.epoch, "epoch_loss": mean, **added.figures, "min_so_far": improved}
         self.hooks.epoch_saved(self.ctx, record)
         dist_utils.barrier(self.world)
+
+    def _final_head_epoch(self, epoch: int) -> bool:
+        """Whether epoch ``epoch`` (0-based) ran with the full margin and scale from its first step."""
+        from facecli.engine.optim import margin_weight_at
+
+        return margin_weight_at(epoch * self.steps_per_epoch, self.parts.margin_warmup_steps) >= 1.0
 
     def _stop_here(self, by_limit: bool = False) -> None:
         """Save at this step boundary; a signal then ends the run with its exit code."""

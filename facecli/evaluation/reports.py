@@ -120,16 +120,28 @@ def save_histogram(scores: np.ndarray, issame: np.ndarray, path: Path, threshold
 
 
 def save_threshold_curve(candidates: np.ndarray, accuracies: np.ndarray, chosen: float, path: Path) -> Path:
+    """Accuracy against the threshold, over the range the scores use (the outermost candidates
+    lie 1 beyond the scores: cosines would otherwise span -2..2)."""
     plt = _plt()
     finite = np.isfinite(candidates)
+    lo, hi = threshold_axis(candidates)
     fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
-    ax.plot(candidates[finite], accuracies[finite], lw=1.2)
+    ax.plot(np.clip(candidates[finite], lo, hi), accuracies[finite], lw=1.2)
+    ax.set_xlim(lo, hi)
     ax.axvline(chosen, color="k", ls="--", lw=1, label=f"chosen {chosen:.3f}")
     ax.set_xlabel("threshold (same iff score >= t)")
     ax.set_ylabel("accuracy")
     ax.set_title("Accuracy versus threshold")
     ax.legend()
     return _save(plt, fig, path)
+
+
+def threshold_axis(candidates: np.ndarray) -> tuple[float, float]:
+    """[-1, 1] when the scores are cosines, else the scores' own range."""
+    inner = candidates[1:-1][np.isfinite(candidates[1:-1])]
+    if inner.size == 0 or (inner.min() >= -1.0 and inner.max() <= 1.0):
+        return -1.0, 1.0
+    return float(inner.min()), float(inner.max())
 
 
 def save_loss_curve(metrics_jsonl: Path, path: Path) -> Path | None:
