@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from facecli.data.images import Preprocess
@@ -45,6 +46,8 @@ class ModelRunner:
     identity: dict
     path: Path
     kind: str  # "torch" or "onnx"
+    threshold_far: float | None = None  # the FAR ``threshold`` was chosen for; None: a verification threshold
+
 
     @property
     def embedding_dim(self) -> int:
@@ -56,10 +59,19 @@ class ModelRunner:
 
     def embed(self, dataset, device="cpu", flip: bool = True, batch_size: int | None = None, workers: int = 0,
               progress: Callable[[int], None] | None = None):
-        """Embed a dataset of ``(uint8 image, index, problem)`` items: unit rows, NaN where unreadable."""
+        """Embed a dataset of ``(uint8 image, index, problem)`` items: unit rows, NaN where unreadable.
+
+        A non-finite embedding of a readable image means broken weights (a NaN tensor): it
+        is refused here, once for every command, instead of becoming a NaN score later.
+        """
         from facecli.evaluation.embedding import embed_dataset
 
-        return embed_dataset(self.net, self.preprocess, dataset, self.device_for(device), flip, batch_size, workers, progress)
+        emb = embed_dataset(self.net, self.preprocess, dataset, self.device_for(device), flip, batch_size, workers, progress)
+        broken = emb.ok & ~np.isfinite(emb.vectors).all(axis=1)
+        if broken.any():
+            raise UserError(f"{self.path} gave non-finite embeddings (NaN or inf) for {int(broken.sum())} of {int(emb.ok.sum())} image(s): "
+                            "its weights are broken; nothing was written.", hint="Use another checkpoint (an earlier epoch, or min_loss.pt).")
+        return emb
 
 
 def identity_of_checkpoint(ckpt: dict) -> dict:
@@ -81,7 +93,9 @@ def open_model(path: str | Path, device="cpu") -> ModelRunner:
     from facecli.engine.checkpoint import load_model
 
     model = load_model(path, device=device)
-    return ModelRunner(model.net, model.preprocess, model.threshold, identity_of_checkpoint(model.checkpoint), path, "torch")
+    far = model.checkpoint.get("threshold_far")
+    return ModelRunner(model.net, model.preprocess, model.threshold, identity_of_checkpoint(model.checkpoint), path, "torch",
+                       None if far is None else float(far))
 
 
 class OnnxNet(torch.nn.Module):
