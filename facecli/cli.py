@@ -283,7 +283,7 @@ def _device(name: str | None):
 
 
 def _load(checkpoint: Path, device):
-    from facecli.engine.checkpoint import load_model
+    from facecli.models import load_model
 
     return load_model(checkpoint, device=device)
 
@@ -303,7 +303,7 @@ def _embedder(checkpoint: Path, device: str | None, flip: bool, batch_size: int 
         raise UserError(f"--workers must be a non-negative integer or auto, got {workers!r}.") from None
     dev = _device(device)
     fm = _load(checkpoint, dev)
-    return fm, Embedder(fm.net, fm.preprocess, dev, flip, batch_size, workers, amp)
+    return fm, Embedder(fm.net, fm.preprocess, fm.device_for(dev), flip, batch_size, workers, amp)
 
 
 def _lfw_for_eval(lfw_dir: Optional[Path]) -> Path:
@@ -414,6 +414,9 @@ def tune_threshold_cmd(
     from facecli.evaluation.runner import resolve_pairs_arg, tune_threshold, write_json
 
     fm, embedder = _embedder(checkpoint, device, flip, batch_size, workers, amp)
+    if save and fm.kind == "onnx":
+        raise UserError(f"{checkpoint} is an ONNX export; --save stores the threshold in a checkpoint.",
+                        hint="Tune and save on the .pt checkpoint, then export it again.")
     lfw = _lfw_for_eval(lfw_dir)
     root = find_image_root(lfw)
     train_set = read_pairs(resolve_pairs_arg(pairs, lfw, "pairsDevTrain.txt"), root)
@@ -571,16 +574,30 @@ demo = app.command("demo")(guarded_derived(_demo, _demo_parameters))
 
 @app.command()
 @guarded
-def info(checkpoint: Path = typer.Argument(..., help="A facecli checkpoint (.pt).")):
-    """Show what a checkpoint holds (model, backbone, data, progress, threshold, versions)."""
+def info(checkpoint: Path = typer.Argument(..., help="A facecli checkpoint (.pt) or its ONNX export (.onnx).")):
+    """Show what a checkpoint holds (model, backbone, data, progress, threshold, versions), or an ONNX export's metadata."""
+    from rich.markup import escape
     from rich.table import Table
 
+    rows = _onnx_rows(checkpoint) if checkpoint.suffix.lower() == ".onnx" else _checkpoint_rows(checkpoint)
+    t = Table(title=escape(str(checkpoint)), show_header=False)
+    for k, v in rows:
+        t.add_row(k, escape(v))
+    console.print(t)
+
+
+def _threshold_text(threshold, far) -> str:
+    if far is None:
+        return f"{threshold} (verification)" if threshold is not None else "None"
+    return f"{threshold} (calibrated for FAR {far})"
+
+
+def _checkpoint_rows(checkpoint: Path) -> list[tuple[str, str]]:
     from facecli.engine.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(checkpoint)
-    t = Table(title=str(checkpoint), show_header=False)
     cfg = ckpt.get("train_config", {})
-    rows = [
+    return [
         ("model", ckpt["model"]),
         ("backbone", f"{ckpt['net']['backbone']}, {ckpt['net']['embedding_dim']}-d"),
         ("head", json.dumps(ckpt.get("head", {}).get("hparams", {}))),
@@ -588,13 +605,27 @@ def info(checkpoint: Path = typer.Argument(..., help="A facecli checkpoint (.pt)
         ("input", json.dumps(ckpt["preprocess"])),
         ("progress", f"epoch {ckpt.get('epoch')} + {ckpt.get('batch_in_epoch')} batches, step {ckpt.get('step')}"),
         ("min epoch loss", str(ckpt.get("min_loss"))),
-        ("threshold", str(ckpt.get("threshold"))),
+        ("threshold", _threshold_text(ckpt.get("threshold"), ckpt.get("threshold_far"))),
         ("trained with", f"batch {cfg.get('batch_size')}, lr {cfg.get('lr')}, {cfg.get('optimizer')}/{cfg.get('scheduler')}, {cfg.get('epochs')} epochs"),
         ("versions", json.dumps(ckpt.get("versions", {}))),
     ]
-    for k, v in rows:
-        t.add_row(k, v)
-    console.print(t)
+
+
+def _onnx_rows(path: Path) -> list[tuple[str, str]]:
+    """An ONNX export described from its facecli metadata (checked as :func:`facecli.models.load_model` checks it)."""
+    from facecli.models import load_model
+
+    model = load_model(path)
+    ident = model.identity
+    return [
+        ("format", "facecli ONNX export (runs on onnxruntime's CPU provider)"),
+        ("model", ident["model"]),
+        ("backbone", f"{ident['backbone']}, {ident['embedding_dim']}-d"),
+        ("input", json.dumps(model.preprocess.to_dict())),
+        ("weights fingerprint", ident["fingerprint"]),
+        ("threshold", _threshold_text(model.threshold, model.threshold_far)),
+        ("exported from", str(model.source)),
+    ]
 
 
 def _warn_if_bunched(threshold: float, scores=None) -> None:

@@ -4,7 +4,7 @@ The ONNX graph is the network alone (batch axis dynamic): input ``input``, float
 RGB normalised as ``(pixel / 255 - mean) / std``; output ``embedding``, not normalised.
 Everything else a runtime needs (input size, channel order, normalisation, crop fraction,
 the flip convention, the tuned threshold, the weights' fingerprint) is in the model's
-metadata: one ``facecli`` JSON entry that :func:`facecli.models.open_model` reads, and
+metadata: one ``facecli`` JSON entry that :func:`facecli.models.load_model` reads, and
 plain-text entries for people reading it with other tools.
 
 Right after writing, onnxruntime embeds face crops and the L2-normalised embeddings are
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from facecli.data.images import Preprocess, decode_image, normalize_batch
 from facecli.errors import UserError
-from facecli.models import EXPORT_HINT, ONNX_FORMAT, ONNX_FORMAT_VERSION, ModelRunner, OnnxNet, onnx_session
+from facecli.models import EXPORT_HINT, ONNX_FORMAT, ONNX_FORMAT_VERSION, ModelRunner, OnnxNet, initializers_fingerprint, onnx_session
 
 TOLERANCE = 1e-4
 FLIP_CONVENTION = "embedding = L2-normalise(f(x) + f(x mirrored left-right)) when flip is on (facecli's default); f(x) alone otherwise"
@@ -46,7 +46,7 @@ class ExportReport:
     opset: int
 
 
-def onnx_metadata(runner: ModelRunner, source: str) -> dict[str, str]:
+def onnx_metadata(runner: ModelRunner, source: str, weights: str) -> dict[str, str]:
     """The metadata entries of an export: one JSON for facecli, plain text for everyone."""
     pre = runner.preprocess
     meta = {
@@ -55,6 +55,7 @@ def onnx_metadata(runner: ModelRunner, source: str) -> dict[str, str]:
         "identity": runner.identity,
         "threshold": runner.threshold,
         "threshold_far": runner.threshold_far,
+        "weights": weights,  # the ONNX initializers' hash: binds this metadata to these weights
         "source": source,
         "flip": FLIP_CONVENTION,
     }
@@ -159,7 +160,9 @@ def export_model(runner: ModelRunner, out: Path, images: torch.Tensor | None = N
                         hint=f"Store a new one with `facecli tune-threshold {runner.path} --save`.")
     proto = to_onnx_proto(runner.net, runner.preprocess.image_size)
     trial = out.with_name(f".{out.name}.{os.getpid()}.check.onnx")
-    write_onnx(proto, onnx_metadata(runner, str(runner.path)), trial)
+    from onnx import numpy_helper
+
+    write_onnx(proto, onnx_metadata(runner, str(runner.path), initializers_fingerprint(proto, numpy_helper)), trial)
     try:
         runner.net.eval()
         if images is None:

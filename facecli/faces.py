@@ -170,7 +170,7 @@ def embed_photos(runner, files: Sequence[Path], detector: Detector | None = None
         dim = runner.embedding_dim
         return FaceEmbeddings([], np.zeros((0, dim), np.float32), found.no_face, found.problems, found.photos)
     advance = progress("embedding", len(dataset)) if progress else None
-    emb = runner.embed(dataset, device, flip, batch_size, workers, advance)
+    emb = runner.embed_dataset(dataset, device, flip, batch_size, workers, advance)
     keep = [r for r, ok in zip(found.records, emb.ok) if ok]
     return FaceEmbeddings(keep, emb.vectors[emb.ok].astype(np.float32), found.no_face, found.problems + emb.bad, found.photos)
 

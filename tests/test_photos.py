@@ -240,10 +240,10 @@ def test_export_matches_pytorch_through_onnxruntime(trained_checkpoint, synth_lf
 @needs_export
 def test_export_mismatch_beyond_the_tolerance_is_an_error(trained_checkpoint, tmp_path):
     from facecli.export import ExportMismatch, export_model
-    from facecli.models import open_model
+    from facecli.models import load_model
 
     with pytest.raises(ExportMismatch, match="differ from PyTorch's"):
-        export_model(open_model(trained_checkpoint), tmp_path / "m.onnx", tolerance=-1.0)
+        export_model(load_model(trained_checkpoint), tmp_path / "m.onnx", tolerance=-1.0)
 
 
 # ------------------------------------------------------------------------ bad input

@@ -99,7 +99,7 @@ def gallery_build(
     from facecli.evaluation.embed_files import check_output
     from facecli.faces import embed_photos
     from facecli.gallery import build_gallery, calibrate, people_folders, save_gallery
-    from facecli.models import open_model
+    from facecli.models import load_model
 
     _positive(batch_size, "--batch-size")
     check_output(out, overwrite)
@@ -107,7 +107,7 @@ def gallery_build(
     det = detector_for(detect, detector)
     checker = face_check_for(detect, face_check, detector)
     dev = _device(device)
-    runner = open_model(model_path, dev)
+    runner = load_model(model_path, dev)
     files = [photo for _, photos in people for photo in photos]
     label_of = {photo: k for k, (_, photos) in enumerate(people) for photo in photos}
     found = embed_photos(runner, files, det, True, dev, flip, batch_size, workers, _progress_factory, checker)
@@ -211,13 +211,13 @@ def identify(
     from facecli.faces import embed_photos
     from facecli.gallery import check_model, framing_mismatch, identify as rank
     from facecli.gallery import load_gallery
-    from facecli.models import open_model
+    from facecli.models import load_model
 
     _positive(batch_size, "--batch-size")
     gallery = load_gallery(gallery_path)
     det = detector_for(detect, detector)
     dev = _device(device)
-    runner = open_model(model_path, dev)
+    runner = load_model(model_path, dev)
     check_model(gallery, runner.identity, gallery_path, model_path)
     point = operating_point(threshold, gallery, runner, by.value, far)
     mismatch = framing_mismatch(gallery, det.name if det is not None else None)
@@ -273,9 +273,9 @@ def export(
 ):
     """Export the embedding network to ONNX (dynamic batch, preprocessing in the metadata) and check it against PyTorch."""
     from facecli.export import TOLERANCE, export_model
-    from facecli.models import open_model
+    from facecli.models import load_model
 
-    runner = open_model(checkpoint, "cpu")
+    runner = load_model(checkpoint, "cpu")
     images, source, skipped = _check_images(check_images, runner.preprocess)
     for problem in skipped:
         warn(f"--check-images: skipped {problem}")

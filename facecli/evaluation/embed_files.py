@@ -97,7 +97,7 @@ def embed_files(
 
         landmarks = read_landmarks(landmarks_file)
     advance = progress("embedding", len(files)) if progress else None
-    emb = model.embed(_Files(files, keys, model.preprocess, landmarks), device, flip, batch_size, workers, advance)
+    emb = model.embed_dataset(_Files(files, keys, model.preprocess, landmarks), device, flip, batch_size, workers, advance)
     problems = problems + emb.bad
     ok = emb.ok
     return EmbedResult([f for f, good in zip(files, ok) if good], emb.vectors[ok].astype(np.float32), problems, emb.forward_passes)
@@ -183,11 +183,11 @@ def run_embed(checkpoint, paths, out, compare, landmarks, flip, batch_size, devi
     or ``compare``); with a ``checker`` (``--compare`` without ``--detect``) a photo
     without a face is refused before its similarity is computed.
     """
-    from facecli.models import open_model
+    from facecli.models import load_model
     from facecli.ui import console, warn
 
     target = None if compare else check_output(Path(out or "embeddings.npz"), overwrite)
-    model = open_model(checkpoint, device=device)
+    model = load_model(checkpoint, device=device)
     if detector is not None:
         result = embed_detected(model, paths, device, flip, batch_size, workers, detector, largest or compare, progress)
     elif checker is not None:
