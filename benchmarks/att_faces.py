@@ -43,7 +43,7 @@ def train(backbone: str, seed: int, out: Path) -> Path:
 def measure(backbone: str, seed: int) -> dict:
     import torch
 
-    from facecli.engine.checkpoint import load_model
+    from facecli.models import load_model
     from facecli.engine.config import TrainConfig
     from facecli.engine.trainer import Trainer
     from facecli.evaluation import verify

@@ -193,9 +193,9 @@ def _far_threshold(impostor_best: np.ndarray, far: float) -> float:
 
 def identification(checkpoint: Path, people: dict, holdout_every: int, threshold: float | None, label: str) -> list[dict]:
     from facecli.detect import make_detector
-    from facecli.models import open_model
+    from facecli.models import load_model
 
-    runner = open_model(checkpoint)
+    runner = load_model(checkpoint)
     test_people = unseen(people, runner_classes(checkpoint)) or people
     threshold = threshold if threshold is not None else runner.threshold
     rows = []
@@ -235,12 +235,12 @@ def view1_framing(checkpoint: Path, lfw: Path) -> list[dict]:
     from facecli.data.lfw import find_image_root, read_pairs
     from facecli.detect import make_detector
     from facecli.evaluation.protocol import best_threshold
-    from facecli.models import open_model
+    from facecli.models import load_model
 
     root = find_image_root(lfw)
     train, test = (read_pairs(lfw / f"pairsDev{s}.txt", root) for s in ("Train", "Test"))
     paths = sorted(set(train.unique_images) | set(test.unique_images))
-    runner = open_model(checkpoint)
+    runner = load_model(checkpoint)
     centre = _unit(embed_each(runner, paths, None))
     rows = []
     for mode, detector in (("as given (model's crop)", None), ("--detect hog, aligned", make_detector("hog"))):
@@ -285,9 +285,9 @@ def export_parity(checkpoint: Path, photos: list[Path]) -> dict:
 
     from facecli.data.images import decode_image
     from facecli.export import export_model
-    from facecli.models import open_model
+    from facecli.models import load_model
 
-    runner = open_model(checkpoint)
+    runner = load_model(checkpoint)
     pre = runner.preprocess
     images = torch.stack([decode_image(p, pre.image_size, pre.crop_fraction) for p in photos])
     with tempfile.TemporaryDirectory() as tmp:

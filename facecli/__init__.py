@@ -30,7 +30,8 @@ __all__ = ["__version__", "load_model"]
 
 
 def load_model(path, device="cpu"):
-    """Rebuild the embedding network stored in a facecli checkpoint (see ``facecli.engine.checkpoint``)."""
-    from facecli.engine.checkpoint import load_model as _load_model
+    """A trained model from a checkpoint (.pt) or its ONNX export (.onnx): ``model.embed(images_or_paths)``
+    gives unit embeddings with the model's own preprocessing and flip (see ``facecli.models``)."""
+    from facecli.models import load_model as _load_model
 
     return _load_model(path, device=device)

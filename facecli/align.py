@@ -263,7 +263,52 @@ def _is_number(text: str) -> bool:
     return True
 
 
+LANDMARK_COLUMNS = [f"lm{i}_{a}" for i in range(1, N_POINTS + 1) for a in "xy"]
+KEY_COLUMNS = ("source", "path", "image")  # the photo a row's landmarks belong to
+
+
+def _read_named_csv(rows: list[tuple[int, list[str]]], header: list[str], name: str) -> dict[str, np.ndarray]:
+    """A CSV with named columns (``align --detect``'s detections.csv, ``embed --detect --out x.csv``).
+
+    The photo is the ``source`` (else ``path``/``image``) column, the points are lm1_x..lm5_y;
+    with a ``face`` column only face 0 of each photo, the detector's best, is used.
+    """
+    col = {h.strip(): i for i, h in enumerate(header)}
+    key_col = next((col[k] for k in KEY_COLUMNS if k in col), None)
+    if key_col is None:
+        raise UserError(f"{name}, line 1: no column named {', '.join(KEY_COLUMNS)} for the photo.")
+    out: dict[str, np.ndarray] = {}
+    seen: dict[str, str] = {}
+    for line, row in rows:
+        where = f"{name}, line {line}"
+        if "face" in col and len(row) > col["face"] and row[col["face"]].strip() not in ("0", ""):
+            continue
+        if len(row) < len(header):
+            raise UserError(f"{where}: {len(row)} values for {len(header)} columns.")
+        _add(out, seen, _normalise_key(row[key_col], where), _parse_points([row[col[c]] for c in LANDMARK_COLUMNS], where), where)
+    return out
+
+
 def _read_csv(text: str, name: str) -> dict[str, np.ndarray]:
+    try:
+        rows = [(line, row) for line, row in _csv_rows(text)]
+    except csv.Error as e:
+        raise UserError(f"{name}: malformed CSV ({e}).") from e
+    if rows and all(c in [h.strip() for h in rows[0][1]] for c in LANDMARK_COLUMNS):
+        return _read_named_csv(rows[1:], rows[0][1], name)
+    return _read_plain_csv(text, name)
+
+
+def _csv_rows(text: str):
+    reader = csv.reader(io.StringIO(text))
+    for row in reader:
+        while row and not row[-1].strip():
+            row.pop()
+        if row:
+            yield reader.line_num, row
+
+
+def _read_plain_csv(text: str, name: str) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     seen: dict[str, str] = {}
     reader = csv.reader(io.StringIO(text))
@@ -421,9 +466,19 @@ def _save(img: Image.Image, out: Path, fmt: str) -> None:
         with open(tmp, "wb") as fh:
             img.save(fh, format=fmt, **_SAVE_OPTIONS.get(fmt, {}))
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and not isinstance(e, ImageError):
+            raise UserError(f"Could not write {out}: {e.strerror or e}.", hint="Choose a folder you can write to.") from e
         raise
+
+
+def refuse_existing(outputs: list[Path], overwrite: bool) -> None:
+    """A user's file is never replaced without --overwrite: refuse before anything is written."""
+    existing = [p for p in outputs if p.exists() or p.is_symlink()]
+    if existing and not overwrite:
+        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+        raise UserError(f"{existing[0]} already exists{more}; nothing was written.", hint="Pass --overwrite to replace, or choose an empty folder.")
 
 
 def _pick_single(landmarks: dict[str, np.ndarray], image: Path, landmarks_file: Path) -> np.ndarray:
@@ -522,6 +577,7 @@ def align_folder(
     landmarks_file: PathLike,
     size: int = 112,
     progress: Callable[[int], None] | None = None,
+    overwrite: bool = False,
 ) -> AlignSummary:
     """Align every image listed in ``landmarks_file`` from ``src_dir`` into ``dst_dir``.
 
@@ -543,12 +599,13 @@ def align_folder(
         raise UserError(f"{src}: source not found.", hint="Give an image folder or a single image.")
     landmarks = read_landmarks(landmarks_path)
     if src.is_file():
-        return _align_single(src, dst, landmarks_path, landmarks, size, progress)
+        return _align_single(src, dst, landmarks_path, landmarks, size, progress, overwrite)
 
     src_root = src.resolve()
     dst_root = dst.resolve()
     _check_output_folder(dst, src_root, dst_root)
     plan = _plan_outputs(landmarks, src, src_root, dst_root, landmarks_path)
+    refuse_existing([out for _, _, out, _ in plan], overwrite)
     summary = AlignSummary()
     summary.skipped = _unlisted_images(src, set(landmarks))
     _align_planned(plan, landmarks, size, summary, progress)
@@ -562,6 +619,7 @@ def _align_single(
     landmarks: dict[str, np.ndarray],
     size: int,
     progress: Callable[[int], None] | None,
+    overwrite: bool = False,
 ) -> AlignSummary:
     points = _pick_single(landmarks, image, landmarks_path)
     if dst.is_dir() or not dst.suffix:
@@ -572,6 +630,7 @@ def _align_single(
         out = dst.with_name(out_name)
     if out.exists() and out.resolve() == image.resolve():
         raise UserError(f"{out}: output would overwrite the source image.", hint="Give another output path.")
+    refuse_existing([out], overwrite)
     photo = load_photo(image, str(image))
     _save(align_face(photo, points, size), out, fmt)
     if progress is not None:

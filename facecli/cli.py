@@ -64,7 +64,16 @@ class DetectorName(str, Enum):
     haar = "haar"
 
 
-DETECTOR_HELP = "Face detector for --detect: hog (dlib, default), mmod (dlib CNN: turned and small faces, slower) or haar (OpenCV baseline)."
+DETECTOR_HELP = "Face detector for --detect (and the face check): hog (dlib, default), mmod (dlib CNN: turned and small faces, slower) or haar (OpenCV baseline)."
+LANDMARKS_HELP = ("5 landmarks per image (left eye, right eye, nose tip, left and right mouth corner, in the photo's pixels), "
+                  "paths relative to the source folder: CSV lines `path,x1,y1,...,x5,y5`; or a CSV with named columns "
+                  "source (or path), lm1_x,lm1_y,...,lm5_y, such as `align --detect`'s detections.csv (face 0 of each photo); "
+                  "or JSON {\"path\": [[x, y], ...5]}.")
+FLIP_HELP = "Average each face's embedding with its mirror image's (as the model was evaluated); --no-flip halves the work."
+BATCH_HELP = "Images per forward pass (default: 64 on a CPU, 256 on a GPU; halved on out-of-memory)."
+DEVICE_HELP = "cpu, cuda, cuda:N or mps (default: the best available). ONNX models run on the CPU."
+FACE_CHECK_HELP = ("Without --detect: skip photos in which the detector finds no face (default when the detect extra is installed), "
+                   "so a photo of the sky is 'no face', not a person.")
 
 
 def _fail(message: str, code: int) -> None:
@@ -273,7 +282,7 @@ def _device(name: str | None):
 
 
 def _load(checkpoint: Path, device):
-    from facecli.engine.checkpoint import load_model
+    from facecli.models import load_model
 
     return load_model(checkpoint, device=device)
 
@@ -293,7 +302,7 @@ def _embedder(checkpoint: Path, device: str | None, flip: bool, batch_size: int 
         raise UserError(f"--workers must be a non-negative integer or auto, got {workers!r}.") from None
     dev = _device(device)
     fm = _load(checkpoint, dev)
-    return fm, Embedder(fm.net, fm.preprocess, dev, flip, batch_size, workers, amp)
+    return fm, Embedder(fm.net, fm.preprocess, fm.device_for(dev), flip, batch_size, workers, amp)
 
 
 def _lfw_for_eval(lfw_dir: Optional[Path], fm) -> Path:
@@ -410,6 +419,9 @@ def tune_threshold_cmd(
         if path is not None and path.exists() and not overwrite:
             raise UserError(f"{path} already exists.", hint="Pass --overwrite to replace it, or --json elsewhere.")
     fm, embedder = _embedder(checkpoint, device, flip, batch_size, workers, amp)
+    if save and fm.kind == "onnx":
+        raise UserError(f"{checkpoint} is an ONNX export; --save stores the threshold in a checkpoint.",
+                        hint="Tune and save on the .pt checkpoint, then export it again.")
     lfw = _lfw_for_eval(lfw_dir, fm)
     root = find_image_root(lfw)
     train_set = read_pairs(resolve_pairs_arg(pairs, lfw, "pairsDevTrain.txt"), root)
@@ -439,14 +451,16 @@ def embed(
     paths: List[Path] = typer.Argument(..., help="Images and/or folders (searched recursively)."),
     out: Optional[Path] = typer.Option(None, help="Output: .npz (embeddings + paths), .npy or .csv (default: embeddings.npz)."),
     compare: bool = typer.Option(False, "--compare", help="With two images: print their similarity and same/different."),
-    landmarks: Optional[Path] = typer.Option(None, help="5-point landmarks (CSV/JSON) to align raw photos first."),
+    landmarks: Optional[Path] = typer.Option(None, help="Align raw photos first with these landmarks. " + LANDMARKS_HELP),
     detect: bool = typer.Option(False, "--detect", help="Raw photos: find every face, align it, one row per face (with box, landmarks, score)."),
     detector: DetectorName = typer.Option(DetectorName.hog, help=DETECTOR_HELP),
     largest: bool = typer.Option(False, "--largest", help="With --detect: only the largest face of each photo."),
-    flip: bool = typer.Option(True, "--flip/--no-flip"),
-    batch_size: Optional[int] = typer.Option(None),
-    device: Optional[str] = typer.Option(None),
-    workers: int = typer.Option(0, min=0),
+    face_check: bool = typer.Option(True, "--face-check/--no-face-check", help="With --compare: " + FACE_CHECK_HELP),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file."),
+    flip: bool = typer.Option(True, "--flip/--no-flip", help=FLIP_HELP),
+    batch_size: Optional[int] = typer.Option(None, help=BATCH_HELP),
+    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
+    workers: int = typer.Option(0, min=0, help="Image-decoding worker processes (0: in this process)."),
 ):
     """Embed images with a trained model (L2-normalised float32), or compare two faces."""
     from facecli.evaluation.embed_files import run_embed
@@ -454,8 +468,9 @@ def embed(
     _positive(batch_size, "--batch-size")
     if detect and landmarks is not None:
         raise UserError("Give either --landmarks or --detect, not both.")
+    checker = photos.face_check_for(detect or landmarks is not None, face_check and compare, detector)
     code = run_embed(checkpoint, paths, out, compare, landmarks, flip, batch_size, _device(device), workers, _progress_factory,
-                     photos.detector_for(detect, detector), largest)
+                     photos.detector_for(detect, detector), largest, checker, overwrite)
     if code:
         raise typer.Exit(code)
 
@@ -488,11 +503,12 @@ def pack(
 def align(
     src: Path = typer.Argument(..., help="An image or a folder of raw photos."),
     dst: Path = typer.Argument(..., help="Where aligned 112x112 faces are written (same relative paths)."),
-    landmarks: Optional[Path] = typer.Option(None, help="CSV or JSON with 5 landmarks per image (eyes, nose, mouth corners)."),
+    landmarks: Optional[Path] = typer.Option(None, help=LANDMARKS_HELP),
     detect: bool = typer.Option(False, "--detect", help="Find the faces and their landmarks instead (crops NAME_faceK; DST/detections.csv lists them)."),
     detector: DetectorName = typer.Option(DetectorName.hog, help=DETECTOR_HELP),
     largest: bool = typer.Option(False, "--largest", help="With --detect: only the largest face of each photo, under the photo's own name."),
     size: int = typer.Option(112, help="Output size (the ArcFace template is scaled to it)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing files in DST (and, with --detect, the crops of the run that wrote DST/detections.csv)."),
 ):
     """Warp photos to the standard ArcFace 112x112 template from 5-point landmarks (given, or found with --detect)."""
     from facecli.align import align_folder
@@ -500,8 +516,8 @@ def align(
     if (landmarks is None) == (not detect):
         raise UserError("Give either --landmarks FILE or --detect.", hint="--detect finds faces and landmarks itself.")
     if detect:
-        return photos.align_detected(src, dst, photos.detector_for(detect, detector), largest, size)
-    summary = align_folder(src, dst, landmarks, size=size)
+        return photos.align_detected(src, dst, photos.detector_for(detect, detector), largest, size, overwrite)
+    summary = align_folder(src, dst, landmarks, size=size, overwrite=overwrite)
     console.print(f"Aligned {len(summary.written)} image(s) into {dst}", markup=False)
     if summary.skipped:
         warn(f"{len(summary.skipped)} image(s) had no landmarks and were skipped, e.g. {summary.skipped[0]}.")
@@ -562,16 +578,30 @@ demo = app.command("demo")(guarded_derived(_demo, _demo_parameters))
 
 @app.command()
 @guarded
-def info(checkpoint: Path = typer.Argument(..., help="A facecli checkpoint (.pt).")):
-    """Show what a checkpoint holds (model, backbone, data, progress, threshold, versions)."""
+def info(checkpoint: Path = typer.Argument(..., help="A facecli checkpoint (.pt) or its ONNX export (.onnx).")):
+    """Show what a checkpoint holds (model, backbone, data, progress, threshold, versions), or an ONNX export's metadata."""
+    from rich.markup import escape
     from rich.table import Table
 
+    rows = _onnx_rows(checkpoint) if checkpoint.suffix.lower() == ".onnx" else _checkpoint_rows(checkpoint)
+    t = Table(title=escape(str(checkpoint)), show_header=False)
+    for k, v in rows:
+        t.add_row(k, escape(v))
+    console.print(t)
+
+
+def _threshold_text(threshold, far) -> str:
+    if far is None:
+        return f"{threshold} (verification)" if threshold is not None else "None"
+    return f"{threshold} (calibrated for FAR {far})"
+
+
+def _checkpoint_rows(checkpoint: Path) -> list[tuple[str, str]]:
     from facecli.engine.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(checkpoint)
-    t = Table(title=str(checkpoint), show_header=False)
     cfg = ckpt.get("train_config", {})
-    rows = [
+    return [
         ("model", ckpt["model"]),
         ("backbone", f"{ckpt['net']['backbone']}, {ckpt['net']['embedding_dim']}-d"),
         ("head", json.dumps(ckpt.get("head", {}).get("hparams", {}))),
@@ -579,13 +609,27 @@ def info(checkpoint: Path = typer.Argument(..., help="A facecli checkpoint (.pt)
         ("input", json.dumps(ckpt["preprocess"])),
         ("progress", f"epoch {ckpt.get('epoch')} + {ckpt.get('batch_in_epoch')} batches, step {ckpt.get('step')}"),
         ("min epoch loss", str(ckpt.get("min_loss"))),
-        ("threshold", str(ckpt.get("threshold"))),
+        ("threshold", _threshold_text(ckpt.get("threshold"), ckpt.get("threshold_far"))),
         ("trained with", f"batch {cfg.get('batch_size')}, lr {cfg.get('lr')}, {cfg.get('optimizer')}/{cfg.get('scheduler')}, {cfg.get('epochs')} epochs"),
         ("versions", json.dumps(ckpt.get("versions", {}))),
     ]
-    for k, v in rows:
-        t.add_row(k, v)
-    console.print(t)
+
+
+def _onnx_rows(path: Path) -> list[tuple[str, str]]:
+    """An ONNX export described from its facecli metadata (checked as :func:`facecli.models.load_model` checks it)."""
+    from facecli.models import load_model
+
+    model = load_model(path)
+    ident = model.identity
+    return [
+        ("format", "facecli ONNX export (runs on onnxruntime's CPU provider)"),
+        ("model", ident["model"]),
+        ("backbone", f"{ident['backbone']}, {ident['embedding_dim']}-d"),
+        ("input", json.dumps(model.preprocess.to_dict())),
+        ("weights fingerprint", ident["fingerprint"]),
+        ("threshold", _threshold_text(model.threshold, model.threshold_far)),
+        ("exported from", str(model.source)),
+    ]
 
 
 def _warn_if_bunched(threshold: float, scores=None) -> None:

@@ -30,7 +30,7 @@ import numpy as np
 from facecli.align import ARCFACE_TEMPLATE
 from facecli.errors import UserError
 
-__all__ = ["DETECTORS", "Detector", "Face", "arcface_points", "keep_largest", "make_detector"]
+__all__ = ["DETECTORS", "Detector", "Face", "arcface_points", "detector_installed", "keep_largest", "make_detector"]
 
 INSTALL_HINT = "Install the detection extra: pip install 'facecli[detect]' (dlib-bin, face-recognition-models, opencv-python-headless)."
 
@@ -210,6 +210,12 @@ def make_detector(name: str = "hog", upsample: int | None = None) -> Detector:
     if name == "haar":
         return HaarDetector()
     raise UserError(f"Unknown detector {name!r}.", hint=f"Choose one of: {', '.join(DETECTORS)}.")
+
+
+def detector_installed(name: str = "hog") -> bool:
+    """Whether :func:`make_detector` can build ``name`` (the ``detect`` extra is installed)."""
+    modules = ("cv2",) if name == "haar" else ("dlib", "face_recognition_models")
+    return all(importlib.util.find_spec(m) is not None for m in modules)
 
 
 def keep_largest(faces: list[Face]) -> list[Face]:

@@ -4,7 +4,7 @@ The ONNX graph is the network alone (batch axis dynamic): input ``input``, float
 RGB normalised as ``(pixel / 255 - mean) / std``; output ``embedding``, not normalised.
 Everything else a runtime needs (input size, channel order, normalisation, crop fraction,
 the flip convention, the tuned threshold, the weights' fingerprint) is in the model's
-metadata: one ``facecli`` JSON entry that :func:`facecli.models.open_model` reads, and
+metadata: one ``facecli`` JSON entry that :func:`facecli.models.load_model` reads, and
 plain-text entries for people reading it with other tools.
 
 Right after writing, onnxruntime embeds face crops and the L2-normalised embeddings are
@@ -14,6 +14,7 @@ compared with PyTorch's; more than ``tolerance`` (1e-4) apart is an error.
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 
 from facecli.data.images import Preprocess, decode_image, normalize_batch
 from facecli.errors import UserError
-from facecli.models import EXPORT_HINT, ONNX_FORMAT, ONNX_FORMAT_VERSION, ModelRunner, OnnxNet, onnx_session
+from facecli.models import EXPORT_HINT, ONNX_FORMAT, ONNX_FORMAT_VERSION, ModelRunner, OnnxNet, initializers_fingerprint, onnx_session
 
 TOLERANCE = 1e-4
 FLIP_CONVENTION = "embedding = L2-normalise(f(x) + f(x mirrored left-right)) when flip is on (facecli's default); f(x) alone otherwise"
@@ -45,7 +46,7 @@ class ExportReport:
     opset: int
 
 
-def onnx_metadata(runner: ModelRunner, source: str) -> dict[str, str]:
+def onnx_metadata(runner: ModelRunner, source: str, weights: str) -> dict[str, str]:
     """The metadata entries of an export: one JSON for facecli, plain text for everyone."""
     pre = runner.preprocess
     meta = {
@@ -53,6 +54,8 @@ def onnx_metadata(runner: ModelRunner, source: str) -> dict[str, str]:
         "format_version": ONNX_FORMAT_VERSION,
         "identity": runner.identity,
         "threshold": runner.threshold,
+        "threshold_far": runner.threshold_far,
+        "weights": weights,  # the ONNX initializers' hash: binds this metadata to these weights
         "source": source,
         "flip": FLIP_CONVENTION,
     }
@@ -129,22 +132,47 @@ def parity(runner: ModelRunner, onnx_path: Path, images: torch.Tensor) -> float:
     return float(np.abs(reference - exported).max())
 
 
+def _number(value) -> float | None:
+    """A stored threshold as a float, or None when it is missing or not a finite number."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if np.isfinite(number) else None
+
+
 def export_model(runner: ModelRunner, out: Path, images: torch.Tensor | None = None, image_source: str = "",
-                 tolerance: float = TOLERANCE) -> ExportReport:
-    """Export ``runner`` (a torch checkpoint) to ``out`` and check it; ``images`` uint8 (N, 3, S, S)."""
+                 tolerance: float = TOLERANCE, overwrite: bool = False) -> ExportReport:
+    """Export ``runner`` (a torch checkpoint) to ``out`` and check it; ``images`` uint8 (N, 3, S, S).
+
+    The file is written under a temporary name, checked with onnxruntime, and only then
+    renamed to ``out``: a failed check (or NaN weights) leaves an existing ``out`` as it was.
+    """
     if runner.kind != "torch":
         raise UserError(f"{runner.path} is already an ONNX export.", hint="Export from the .pt checkpoint.")
     if out.suffix.lower() != ".onnx":
         raise UserError(f"Output {out} should end in .onnx.", hint="e.g. facecli export run/latest.pt model.onnx")
+    if (out.exists() or out.is_symlink()) and not overwrite:
+        raise UserError(f"{out} already exists.", hint="Pass --overwrite to replace it, or choose another name.")
     _onnx()  # before torch's exporter, which would fail on a missing onnxscript with a traceback
+    if runner.threshold is not None and _number(runner.threshold) is None:
+        raise UserError(f"{runner.path}: its stored threshold {str(runner.threshold)[:40]!r} is not a number.",
+                        hint=f"Store a new one with `facecli tune-threshold {runner.path} --save`.")
     proto = to_onnx_proto(runner.net, runner.preprocess.image_size)
-    write_onnx(proto, onnx_metadata(runner, str(runner.path)), out)
-    runner.net.eval()
-    if images is None:
-        images, image_source = synthetic_faces(8, runner.preprocess.image_size), "8 synthetic faces"
-    diff = parity(runner, out, images)
+    trial = out.with_name(f".{out.name}.{os.getpid()}.check.onnx")
+    from onnx import numpy_helper
+
+    write_onnx(proto, onnx_metadata(runner, str(runner.path), initializers_fingerprint(proto, numpy_helper)), trial)
+    try:
+        runner.net.eval()
+        if images is None:
+            images, image_source = synthetic_faces(8, runner.preprocess.image_size), "8 synthetic faces"
+        diff = parity(runner, trial, images)
+        if not diff <= tolerance:
+            raise ExportMismatch(f"{out}: onnxruntime's embeddings differ from PyTorch's by {diff:.2e} (> {tolerance:g}); nothing was written.",
+                                 hint="Check the checkpoint's weights (NaN?); otherwise report the facecli, torch and onnxruntime versions.")
+        os.replace(trial, out)
+    finally:
+        trial.unlink(missing_ok=True)
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
-    report = ExportReport(out, diff, int(images.shape[0]), image_source, int(opset))
-    if not diff <= tolerance:
-        raise ExportMismatch(f"{out}: onnxruntime's embeddings differ from PyTorch's by {diff:.2e} (> {tolerance:g}).", hint="The file was written; do not use it. Report the facecli, torch and onnxruntime versions.")
-    return report
+    return ExportReport(out, diff, int(images.shape[0]), image_source, int(opset))

@@ -9,6 +9,7 @@ the model's own preprocessing (its centre-crop fraction), as ``embed`` always di
 from __future__ import annotations
 
 import csv
+import io
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Callable, Sequence
@@ -18,14 +19,25 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from facecli.align import _output_name, _save, align_face, load_photo
+from facecli.align import _output_name, _save, align_face, load_photo, refuse_existing
+from facecli.data.files import find_images
+from facecli.engine.checkpoint import atomic_write
 from facecli.data.folders import ImageFiles
 from facecli.data.images import Preprocess, to_rgb
 from facecli.detect import Detector, Face, keep_largest
 from facecli.errors import ImageError, UserError
-from facecli.evaluation.embed_files import collect_images
 
 Progress = Callable[[str, int], Callable[[int], None]]
+
+COLUMN_NAMES = {
+    "box": ["box_x1", "box_y1", "box_x2", "box_y2"],
+    "landmarks": [f"lm{i}_{a}" for i in range(1, 6) for a in "xy"],
+}
+
+
+def column_names(columns: dict[str, np.ndarray]) -> list[str]:
+    """Unique CSV header names of the per-row extras: face, score, box_x1..box_y2, lm1_x..lm5_y."""
+    return [n for key in columns for n in COLUMN_NAMES.get(key, [key])]
 
 
 @dataclass
@@ -125,14 +137,32 @@ class FaceEmbeddings:
         }
 
 
+def face_checked(files: Sequence[Path], checker: Detector, advance: Callable[[int], None] | None = None) -> Detections:
+    """Photos used as given, but only those in which ``checker`` finds a face.
+
+    Without it a photo of the sky is "a face" to the network and gets the nearest
+    enrolled name; a face check decides "no face" before "who".
+    """
+    found = detect_faces(files, checker, largest=True, advance=advance)
+    found.records = [FaceRecord(r.source, 0) for r in found.records]
+    return found
+
+
 def embed_photos(runner, files: Sequence[Path], detector: Detector | None = None, largest: bool = False,
                  device="cpu", flip: bool = True, batch_size: int | None = None, workers: int = 0,
-                 progress: Progress | None = None) -> FaceEmbeddings:
-    """Detect (when given a detector), align and embed; unreadable photos are reported, not raised."""
+                 progress: Progress | None = None, face_check: Detector | None = None) -> FaceEmbeddings:
+    """Detect (when given a detector), align and embed; unreadable photos are reported, not raised.
+
+    Without a detector each photo is one face used as given; with ``face_check`` only the
+    photos in which it finds a face (the others are listed in ``no_face``).
+    """
     files = [Path(f) for f in files]
     if detector is None:
-        found = Detections(records=[FaceRecord(f, 0) for f in files], photos=len(files))
-        dataset: Dataset = ImageFiles(files, runner.preprocess)
+        if face_check is not None:
+            found = face_checked(files, face_check, progress("checking for faces", len(files)) if progress else None)
+        else:
+            found = Detections(records=[FaceRecord(f, 0) for f in files], photos=len(files))
+        dataset: Dataset = ImageFiles([r.source for r in found.records], runner.preprocess)
     else:
         found = detect_faces(files, detector, largest, progress("detecting faces", len(files)) if progress else None)
         dataset = AlignedFaces(found.records, runner.preprocess)
@@ -140,7 +170,7 @@ def embed_photos(runner, files: Sequence[Path], detector: Detector | None = None
         dim = runner.embedding_dim
         return FaceEmbeddings([], np.zeros((0, dim), np.float32), found.no_face, found.problems, found.photos)
     advance = progress("embedding", len(dataset)) if progress else None
-    emb = runner.embed(dataset, device, flip, batch_size, workers, advance)
+    emb = runner.embed_dataset(dataset, device, flip, batch_size, workers, advance)
     keep = [r for r, ok in zip(found.records, emb.ok) if ok]
     return FaceEmbeddings(keep, emb.vectors[emb.ok].astype(np.float32), found.no_face, found.problems + emb.bad, found.photos)
 
@@ -161,18 +191,47 @@ def _crop_name(rel: str, index: int, largest: bool) -> str:
     return _output_name(name)[0]
 
 
-def _sources(src: Path) -> list[tuple[Path, str]]:
-    """(photo, path relative to ``src``) for a folder walked recursively, or a single photo."""
-    files, keys, _ = collect_images([src])
-    return list(zip(files, keys))
+def _sources(src: Path) -> tuple[list[tuple[Path, str]], list[str]]:
+    """(photo, path relative to ``src``) for a folder walked recursively, or a single photo; and what was skipped."""
+    found = find_images([src])
+    return list(zip(found.files, found.keys)), found.skipped
+
+
+def _previous_crops(table: Path, dst: Path) -> list[Path]:
+    """Crops listed by an older ``detections.csv`` (only names inside ``dst``): a rerun removes them."""
+    try:
+        with table.open(newline="") as fh:
+            names = [row.get("aligned", "") for row in csv.DictReader(fh)]
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return []
+    root = dst.resolve()
+    out = []
+    for name in names:
+        path = (dst / name) if name else None
+        if path is not None and path.resolve().is_relative_to(root) and path.resolve() != root:
+            out.append(path)
+    return out
+
+
+def _plan_crops(found: Detections, rel_of: dict, dst: Path, largest: bool) -> list[tuple[FaceRecord, str]]:
+    """(record, crop name) for every face; a crop that would replace a source photo is refused."""
+    sources = {p.resolve() for p in rel_of}
+    plan = [(r, _crop_name(rel_of[r.source], r.index, largest)) for r in found.records]
+    for _, name in plan:
+        if (dst / name).resolve() in sources:
+            raise UserError(f"{dst / name}: the aligned face would overwrite its source photo; nothing was written.",
+                            hint="Write aligned faces to a separate folder.")
+    return plan
 
 
 def align_photos(src: Path, dst: Path, detector: Detector, largest: bool = False, size: int = 112,
-                 progress: Progress | None = None) -> AlignedPhotos:
+                 progress: Progress | None = None, overwrite: bool = False) -> AlignedPhotos:
     """Detect faces in ``src`` (a photo or a folder) and write each one aligned under ``dst``.
 
-    Relative paths are kept; ``dst/detections.csv`` lists every crop with its source photo,
-    box, score and landmarks (in the source photo's pixels).
+    Relative paths are kept; ``dst/detections.csv`` lists every crop with its source photo
+    (relative to ``src``), box, score and landmarks (in the source photo's pixels): it is
+    a landmarks file for ``align --landmarks``. Existing files are replaced only with
+    ``overwrite``, and then the crops of the run that wrote the old table go too.
     """
     src, dst = Path(src), Path(dst)
     if not src.exists():
@@ -181,21 +240,26 @@ def align_photos(src: Path, dst: Path, detector: Detector, largest: bool = False
         raise UserError(f"{dst}: output folder is the source folder or inside it.", hint="Write aligned faces to a separate folder.")
     if dst.exists() and not dst.is_dir():
         raise UserError(f"{dst}: exists and is not a folder.", hint="With --detect, DST is the folder the faces go to.")
-    sources = _sources(src)
-    rel_of = {path: rel for path, rel in sources}
+    table = dst / "detections.csv"
+    refuse_existing([table], overwrite)
+    sources, skipped = _sources(src)
+    rel_of = dict(sources)
     found = detect_faces([p for p, _ in sources], detector, largest, progress("detecting faces", len(sources)) if progress else None)
+    found.problems = skipped + found.problems
+    plan = _plan_crops(found, rel_of, dst, largest)
+    refuse_existing([dst / name for _, name in plan], overwrite)
+    for stale in _previous_crops(table, dst) if table.exists() else []:
+        stale.unlink(missing_ok=True)
     written, rows = [], []
-    for record in found.records:
-        out_rel = _crop_name(rel_of[record.source], record.index, largest)
+    for record, out_rel in plan:
         out = dst / out_rel
         _save(Image.fromarray(aligned_face(record, size)), out, _output_name(out_rel)[1])
         written.append(out)
         f = record.face
-        rows.append([out_rel, str(record.source), record.index, f"{f.score:.4f}", *(f"{v:.2f}" for v in f.box), *(f"{v:.2f}" for v in f.landmarks.ravel())])
-    dst.mkdir(parents=True, exist_ok=True)
-    table = dst / "detections.csv"
-    with table.open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["aligned", "source", "face", "score", "x0", "y0", "x1", "y1"] + [f"{a}{i}" for i in range(1, 6) for a in "xy"])
-        w.writerows(rows)
+        rows.append([out_rel, rel_of[record.source], record.index, f"{f.score:.4f}", *(f"{v:.2f}" for v in f.box), *(f"{v:.2f}" for v in f.landmarks.ravel())])
+    text = io.StringIO()
+    w = csv.writer(text)
+    w.writerow(["aligned", "source", "face", "score"] + column_names({"box": None, "landmarks": None}))
+    w.writerows(rows)
+    atomic_write(table, lambda fh: fh.write(text.getvalue().encode()))
     return AlignedPhotos(written, table, found)

@@ -103,7 +103,7 @@ def test_pairs_are_held_out_and_balanced():
 
 
 def test_trained_model_beats_untrained_network_and_eigenfaces(tmp_path):
-    from facecli.engine.checkpoint import load_model
+    from facecli.models import load_model
     from facecli.engine.config import TrainConfig
     from facecli.engine.trainer import Trainer
     from facecli.evaluation import verify

@@ -83,7 +83,8 @@ def test_every_checkpoint_load_is_weights_only(tmp_path, trained_checkpoint, mon
         return real(*a, **kw)
 
     monkeypatch.setattr(torch, "load", spy)
-    from facecli.engine.checkpoint import load_model, set_threshold
+    from facecli.engine.checkpoint import set_threshold
+    from facecli.models import load_model
 
     assert cli("info", trained_checkpoint).exit_code == 0
     load_model(trained_checkpoint)
@@ -217,7 +218,9 @@ def test_pairs_cannot_reach_outside_the_image_root(case, small_lfw, tmp_path, tr
         assert ok.exit_code == 0, ok.output
 
 
-def test_embed_does_not_follow_links_out_of_a_folder(tmp_path, trained_checkpoint, synth_train_dir):
+def test_embed_follows_links_out_of_a_folder_as_train_does_but_not_loops(tmp_path, trained_checkpoint, synth_train_dir):
+    """Issue 19: symlinked data trees are the norm on clusters, so links are followed (as
+    `train` and `pack` always did); a link back up the tree is a loop, skipped and named."""
     images = sorted(p for p in synth_train_dir.rglob("*.jpg"))[:4]
     folder = tmp_path / "mine"
     (folder / "sub").mkdir(parents=True)
@@ -230,19 +233,20 @@ def test_embed_does_not_follow_links_out_of_a_folder(tmp_path, trained_checkpoin
     shutil.copy(images[3], elsewhere / "deep" / "other.jpg")
     (folder / "link.jpg").symlink_to(elsewhere / "secret.jpg")
     (folder / "linkdir").symlink_to(elsewhere / "deep", target_is_directory=True)
+    (folder / "sub" / "up").symlink_to(folder, target_is_directory=True)
 
     out = tmp_path / "e.npz"
     result = cli("embed", trained_checkpoint, folder, "--out", out, "--no-flip")
     assert result.exit_code == 1, result.output  # something was skipped
     assert "Traceback" not in result.output
     text = " ".join(result.output.split())
-    assert "link.jpg: links outside" in text and "not read" in text
+    assert "up: links to" in text and "(a loop); not read" in text
     data = np.load(out)
     read = sorted(Path(p).relative_to(folder).as_posix() for p in data["paths"])
-    assert read == ["a.jpg", "sub/again.jpg", "sub/b.jpg"]
-    assert data["embeddings"].shape[0] == 3
+    assert read == ["a.jpg", "link.jpg", "linkdir/other.jpg", "sub/again.jpg", "sub/b.jpg"]
+    assert data["embeddings"].shape[0] == 5
 
     # a file the user names explicitly is read, wherever it is
-    result = cli("embed", trained_checkpoint, elsewhere / "secret.jpg", folder / "a.jpg", "--out", out, "--no-flip")
+    result = cli("embed", trained_checkpoint, elsewhere / "secret.jpg", folder / "a.jpg", "--out", out, "--no-flip", "--overwrite")
     assert result.exit_code == 0, result.output
     assert [Path(p).name for p in np.load(out)["paths"]] == ["secret.jpg", "a.jpg"]

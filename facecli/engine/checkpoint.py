@@ -152,8 +152,11 @@ def build_net_from_checkpoint(ckpt: dict) -> torch.nn.Module:
     return net
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> FaceModel:
-    """Rebuild the embedding network of a checkpoint, in eval mode, on ``device``."""
+def load_torch_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> FaceModel:
+    """Rebuild the embedding network of a checkpoint, in eval mode, on ``device``.
+
+    The torch half of :func:`facecli.models.load_model`, the public loader (``.pt`` and ``.onnx``).
+    """
     from facecli.data.images import Preprocess
 
     ckpt = load_checkpoint(path)

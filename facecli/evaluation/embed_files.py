@@ -1,15 +1,13 @@
 """``facecli embed``: embeddings of a user's own images, and a same/different answer.
 
-Paths named on the command line are the user's explicit choice and are read as given.
-Folders are walked recursively, but a symlink inside a folder that points outside it is
-not followed: naming a folder must not make facecli read files elsewhere.
+Files are found by :mod:`facecli.data.files` (links followed, non-regular files skipped
+and named), like every other command that reads a user's photos.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -17,37 +15,10 @@ from typing import Callable, Sequence
 import numpy as np
 from torch.utils.data import Dataset
 
-from facecli.data.images import Preprocess, decode_image, is_image_file
+from facecli.data.files import collect_images
+from facecli.data.images import Preprocess, decode_image
+from facecli.faces import column_names
 from facecli.errors import ImageError, UserError
-from facecli.evaluation.embedding import embed_dataset
-
-
-def collect_images(paths: Sequence[Path]) -> tuple[list[Path], list[str], list[str]]:
-    """(image files, their landmark keys, problems): files as given, folders recursively."""
-    files: list[Path] = []
-    keys: list[str] = []
-    problems: list[str] = []
-    for p in paths:
-        p = Path(p)
-        if p.is_dir():
-            root = p.resolve()
-            for dirpath, dirnames, filenames in os.walk(p, followlinks=False):
-                dirnames.sort()
-                for name in sorted(filenames):
-                    f = Path(dirpath) / name
-                    if not is_image_file(f):
-                        continue
-                    if not f.resolve().is_relative_to(root):
-                        problems.append(f"{f}: links outside {p}; not read")
-                        continue
-                    files.append(f)
-                    keys.append(f.relative_to(p).as_posix())
-        elif p.is_file():
-            files.append(p)
-            keys.append(p.name)
-        else:
-            problems.append(f"{p}: no such file or folder")
-    return files, keys, problems
 
 
 class _Files(Dataset):
@@ -126,32 +97,43 @@ def embed_files(
 
         landmarks = read_landmarks(landmarks_file)
     advance = progress("embedding", len(files)) if progress else None
-    emb = embed_dataset(model.net, model.preprocess, _Files(files, keys, model.preprocess, landmarks), device, flip, batch_size, workers, advance)
+    emb = model.embed_dataset(_Files(files, keys, model.preprocess, landmarks), device, flip, batch_size, workers, advance)
     problems = problems + emb.bad
     ok = emb.ok
     return EmbedResult([f for f, good in zip(files, ok) if good], emb.vectors[ok].astype(np.float32), problems, emb.forward_passes)
 
 
+def _embeddings_bytes(result: EmbedResult, suffix: str) -> bytes:
+    paths = np.array([str(p) for p in result.paths])
+    buf = io.BytesIO()
+    if suffix == ".npz":
+        np.savez(buf, embeddings=result.embeddings, paths=paths, **result.columns)
+    elif suffix == ".npy":
+        np.save(buf, result.embeddings)
+    else:
+        extra = [np.asarray(v).reshape(len(paths), -1) for v in result.columns.values()]
+        text = io.StringIO()
+        w = csv.writer(text)
+        w.writerow(["path"] + column_names(result.columns) + [f"e{i}" for i in range(result.embeddings.shape[1])])
+        for k, (p, row) in enumerate(zip(paths, result.embeddings)):
+            w.writerow([p] + [f"{v:.8g}" for c in extra for v in c[k]] + [f"{v:.8g}" for v in row])
+        buf.write(text.getvalue().encode())
+    return buf.getvalue()
+
+
 def write_embeddings(result: EmbedResult, out: Path) -> Path:
-    """``.npz`` (embeddings + paths + columns), ``.npy`` (embeddings) or ``.csv`` (path, columns, values) by suffix."""
+    """``.npz`` (embeddings + paths + columns), ``.npy`` (embeddings) or ``.csv`` (path, columns, values) by suffix.
+
+    Written to a temporary name and renamed: an interrupted or failed write leaves no partial file.
+    """
+    from facecli.engine.checkpoint import atomic_write
+
     out = Path(out)
     suffix = out.suffix.lower()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    paths = np.array([str(p) for p in result.paths])
-    if suffix == ".npz":
-        np.savez(out, embeddings=result.embeddings, paths=paths, **result.columns)
-    elif suffix == ".npy":
-        np.save(out, result.embeddings)
-    elif suffix == ".csv":
-        extra = [np.asarray(v).reshape(len(paths), -1) for v in result.columns.values()]
-        names = [n if c.shape[1] == 1 else f"{n}{j}" for n, c in zip(result.columns, extra) for j in range(c.shape[1])]
-        with out.open("w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["path"] + names + [f"e{i}" for i in range(result.embeddings.shape[1])])
-            for k, (p, row) in enumerate(zip(paths, result.embeddings)):
-                w.writerow([p] + [f"{v:.8g}" for c in extra for v in c[k]] + [f"{v:.8g}" for v in row])
-    else:
+    if suffix not in (".npz", ".npy", ".csv"):
         raise UserError(f"Unknown output format {out.suffix!r} for --out {out}.", hint="Use .npz, .npy or .csv.")
+    data = _embeddings_bytes(result, suffix)
+    atomic_write(out, lambda f: f.write(data))
     return out
 
 
@@ -171,36 +153,69 @@ def embed_detected(model, paths, device, flip, batch_size, workers, detector, la
     return EmbedResult([r.source for r in found.records], found.embeddings, problems + found.problems, columns=found.columns())
 
 
-def run_embed(checkpoint, paths, out, compare, landmarks, flip, batch_size, device, workers, progress, detector=None, largest=False) -> int:
+def embed_checked(model, paths, device, flip, batch_size, workers, checker, progress) -> EmbedResult:
+    """Photos used as given, each only if ``checker`` finds a face in it (``--compare``'s face check)."""
+    from facecli.faces import embed_photos, no_face_note
+
+    files, _, problems = collect_images(paths)
+    found = embed_photos(model, files, None, False, device, flip, batch_size, workers, progress, face_check=checker)
+    if found.no_face:
+        raise UserError(no_face_note(found).capitalize() + "; same/different is not decided.",
+                        hint="Give photos of faces (or --no-face-check to compare them anyway).")
+    return EmbedResult([r.source for r in found.records], found.embeddings, problems + found.problems)
+
+
+def check_output(out: Path, overwrite: bool) -> Path:
+    """Refuse to replace a user's file unless asked to, before any work is done."""
+    if out.exists() and not overwrite:
+        raise UserError(f"{out} already exists.", hint="Pass --overwrite to replace it, or choose another --out.")
+    if out.exists() and not out.is_file():
+        raise UserError(f"{out} exists and is not a file.", hint="Choose another --out.")
+    return out
+
+
+def run_embed(checkpoint, paths, out, compare, landmarks, flip, batch_size, device, workers, progress, detector=None, largest=False,
+              checker=None, overwrite: bool = False) -> int:
     """The ``embed`` command's work; returns the exit status (1 if any image was unreadable).
 
     ``checkpoint`` may be a ``.pt`` checkpoint or a facecli ``.onnx`` export; with a
     ``detector`` every face of every photo is a row (the largest per photo with ``largest``
-    or ``compare``).
+    or ``compare``); with a ``checker`` (``--compare`` without ``--detect``) a photo
+    without a face is refused before its similarity is computed.
     """
-    from facecli.models import open_model
+    from facecli.models import load_model
     from facecli.ui import console, warn
 
-    model = open_model(checkpoint, device=device)
+    target = None if compare else check_output(Path(out or "embeddings.npz"), overwrite)
+    model = load_model(checkpoint, device=device)
     if detector is not None:
         result = embed_detected(model, paths, device, flip, batch_size, workers, detector, largest or compare, progress)
+    elif checker is not None:
+        result = embed_checked(model, paths, device, flip, batch_size, workers, checker, progress)
     else:
         result = embed_files(model, paths, model.device_for(device), flip, batch_size, workers, landmarks, progress)
     for problem in result.problems:
         warn(f"skipped {problem}")
     if compare:
-        if len(result.paths) != 2:
-            raise UserError(f"--compare needs exactly two readable images, got {len(result.paths)}.")
-        similarity = float(np.dot(result.embeddings[0].astype(np.float64), result.embeddings[1].astype(np.float64)))
-        console.print(f"cosine similarity: {similarity:.4f}", markup=False)
-        if model.threshold is None:
-            raise UserError(
-                f"{checkpoint} stores no verification threshold, so same/different cannot be decided.",
-                hint=f"Run `facecli tune-threshold {checkpoint} --save` first.",
-            )
-        verdict = "same" if similarity >= model.threshold else "different"
-        console.print(f"{verdict} (threshold {model.threshold:.4f})", markup=False)
+        compare_two(result, model, checkpoint)
     else:
-        target = write_embeddings(result, out or Path("embeddings.npz"))
+        write_embeddings(result, target)
         console.print(f"Wrote {len(result.paths)} embeddings ({result.embeddings.shape[1]}-d) to {target}", markup=False)
     return 1 if result.problems else 0
+
+
+def compare_two(result: EmbedResult, model, checkpoint) -> None:
+    """Print the similarity of two faces and same/different at the model's verification threshold."""
+    from facecli.ui import console
+
+    if len(result.paths) != 2:
+        raise UserError(f"--compare needs exactly two readable images, got {len(result.paths)}.")
+    similarity = float(np.dot(result.embeddings[0].astype(np.float64), result.embeddings[1].astype(np.float64)))
+    console.print(f"cosine similarity: {similarity:.4f}", markup=False)
+    if model.threshold is None:
+        raise UserError(
+            f"{checkpoint} stores no verification threshold, so same/different cannot be decided.",
+            hint=f"Run `facecli tune-threshold {checkpoint} --save` first.",
+        )
+    verdict = "same" if similarity >= model.threshold else "different"
+    console.print(f"{verdict} (threshold {model.threshold:.4f})", markup=False)
