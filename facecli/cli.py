@@ -597,6 +597,7 @@ def _positive(value: int | None, flag: str) -> None:
 
 # Raw-photo commands (gallery build, identify, export) and the --detect options above.
 from facecli.commands import photos  # noqa: E402
+from facecli.commands import ijb as _ijb_commands  # noqa: E402,F401  (eval-ijb, ijb-from-folders)
 
 
 def main() -> None:

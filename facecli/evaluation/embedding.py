@@ -52,10 +52,12 @@ class Embedder:
     batch_size: int | None = None
     workers: int = 0
     amp: bool = True
+    normalize: bool = True  # False: raw f(x) (+ f(flip x)), as IJB's "N1" mode needs
 
     def dataset(self, dataset: Dataset, progress: Callable[[int], None] | None = None) -> "Embeddings":
         """Embed a dataset yielding ``(image, index, bad)``."""
-        return embed_dataset(self.net, self.preprocess, dataset, self.device, self.flip, self.batch_size, self.workers, progress, amp=self.amp)
+        return embed_dataset(self.net, self.preprocess, dataset, self.device, self.flip, self.batch_size, self.workers, progress,
+                             amp=self.amp, normalize=self.normalize)
 
     def paths(self, paths: Sequence, progress: Callable[[int], None] | None = None) -> "Embeddings":
         """Embed image files (each path once, in order)."""
@@ -78,8 +80,9 @@ def embed_dataset(
     workers: int = 0,
     progress: Callable[[int], None] | None = None,
     amp: bool = True,
+    normalize: bool = True,
 ) -> Embeddings:
-    """Embed every sample of a dataset yielding ``(image, index, bad)``."""
+    """Embed every sample of a dataset yielding ``(image, index, bad)`` (unit rows unless ``normalize=False``)."""
     device = torch.device(device)
     n = len(dataset)
     batch_size = batch_size or default_batch_size(device)
@@ -110,7 +113,7 @@ def embed_dataset(
                 if flip:
                     b = images.shape[0]
                     z = z[:b] + z[b:]
-                z = F.normalize(z, dim=1).cpu().numpy()
+                z = (F.normalize(z, dim=1) if normalize else z).cpu().numpy()
                 if out is None:
                     dim = z.shape[1]
                     out = np.full((n, dim), np.nan, dtype=np.float32)
