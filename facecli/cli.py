@@ -397,14 +397,23 @@ def tune_threshold_cmd(
     save: bool = typer.Option(False, "--save/--no-save", help="Store the threshold in the checkpoint (atomically)."),
     json_out: Optional[Path] = typer.Option(None, "--json"),
     amp: bool = typer.Option(True, "--amp/--no-amp", help="Mixed precision on CUDA (as in training)."),
+    far: Optional[float] = typer.Option(None, "--far", help="Instead: the threshold for this false-accept rate (e.g. 1e-4), with identity-bootstrap intervals and a held-out check."),
+    folders: Optional[Path] = typer.Option(None, "--folders", help="With --far: your identity folders (default: the LFW people of peopleDevTest.txt)."),
+    impostor_pairs: int = typer.Option(1_000_000, help="With --far: at most this many impostor pairs per half (seeded sample)."),
+    bootstrap: int = typer.Option(300, help="With --far: bootstrap resamples of identities."),
+    seed: int = typer.Option(0, help="With --far: seed of the identity split, impostor sample and bootstrap."),
 ):
-    """Choose the verification threshold on View 1 training pairs and report View 1 test accuracy."""
+    """Choose the verification threshold on View 1 training pairs and report View 1 test accuracy (or, with --far, a FAR operating point)."""
     from facecli.data.lfw import find_image_root, read_pairs
     from facecli.engine.checkpoint import set_threshold
     from facecli.evaluation.reports import save_threshold_curve, threshold_table
     from facecli.evaluation.runner import resolve_pairs_arg, tune_threshold, write_json
 
     fm, embedder = _embedder(checkpoint, device, flip, batch_size, workers, amp)
+    if far is not None:
+        from facecli.commands.operating_point import tune_far
+
+        return tune_far(embedder, checkpoint, far, folders, lfw_dir, impostor_pairs, bootstrap, seed, save, json_out, _progress_factory)
     lfw = _lfw_for_eval(lfw_dir)
     root = find_image_root(lfw)
     train_set = read_pairs(resolve_pairs_arg(pairs, lfw, "pairsDevTrain.txt"), root)
