@@ -48,7 +48,8 @@ def test_held_out_far_lies_in_the_reported_interval_on_synthetic_people():
     op = operating_point(x, y, far=1e-2, bootstrap=200, seed=0)
     assert op.measurable
     assert op.far_ci[0] < op.far <= 1e-2 < op.far_ci[1]
-    assert op.far_ci[0] <= op.heldout_far <= op.far_ci[1] and op.heldout_within
+    assert op.far_prediction[0] <= op.heldout_far <= op.far_prediction[1] and op.heldout_within
+    assert op.far_prediction[0] < op.far_ci[0] and op.far_ci[1] < op.far_prediction[1]
     assert op.tar_ci[0] <= op.tar <= op.tar_ci[1]
 
 

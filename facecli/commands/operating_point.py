@@ -38,12 +38,12 @@ def _table(op, source: str) -> Table:
     t = Table(title=f"Operating point at FAR {op.far_target:g} ({source})")
     for col in ("", "value", "95% interval (bootstrap over identities)"):
         t.add_column(col, justify="right")
-    t.add_row("threshold", f"{op.threshold:.4f}", f"{op.threshold_ci[0]:.4f} .. {op.threshold_ci[1]:.4f}")
+    t.add_row("threshold", f"{op.threshold:.6f}", f"{op.threshold_ci[0]:.6f} .. {op.threshold_ci[1]:.6f}")
     t.add_row("TAR", _pct(op.tar), f"{_pct(op.tar_ci[0])} .. {_pct(op.tar_ci[1])}")
     t.add_row("FAR (calibration)", _pct(op.far), f"{_pct(op.far_ci[0])} .. {_pct(op.far_ci[1])}")
     t.add_section()
-    mark = "within the interval" if op.heldout_within else "OUTSIDE the interval"
-    t.add_row("FAR (held-out people)", _pct(op.heldout_far), mark)
+    mark = "within" if op.heldout_within else "OUTSIDE"
+    t.add_row("FAR (held-out people)", _pct(op.heldout_far), f"{mark} {_pct(op.far_prediction[0])} .. {_pct(op.far_prediction[1])} (95% prediction)")
     t.add_row("TAR (held-out people)", _pct(op.heldout_tar), "")
     return t
 
@@ -74,7 +74,7 @@ def tune_far(embedder, checkpoint: Path, far: float, folders: Optional[Path], lf
              "the threshold is above every impostor and its FAR interval is not informative. Use more people or --impostor-pairs.")
     if save:
         set_threshold(checkpoint, op.threshold, f"tune-threshold --far {far:g} on {source} (seed {seed})", far=far, far_ci=op.far_ci)
-        console.print(f"Stored threshold {op.threshold:.4f} (FAR {far:g}) in {checkpoint}", markup=False)
+        console.print(f"Stored threshold {op.threshold:.6f} (FAR {far:g}) in {checkpoint}", markup=False)
     if json_out:
         write_json(json_out, {**op.to_dict(), "checkpoint": str(checkpoint), "source": source})
         console.print(f"Wrote {json_out}", markup=False)

@@ -11,10 +11,14 @@ that?" From embeddings of people (identity labels):
   of their pairs k times; an impostor pair of two people drawn j and k times counts j*k
   times), not over pairs, since one person's photos are not independent trials:
   the threshold and its TAR are re-chosen on each replicate; the FAR interval is the
-  spread of the chosen threshold's FAR over the replicates (the FAR it gives on other
-  samples of people like these);
-* the FAR and TAR the threshold gives on the held-out people are reported beside them:
-  the check that the interval means something.
+  spread of the chosen threshold's FAR over the replicates (where the FAR of the
+  population these people come from lies);
+* the FAR and TAR the threshold gives on the held-out people are reported beside them,
+  with the interval a held-out group of that size should fall in: a second sample has its
+  own sampling error, so the prediction interval widens the FAR interval's deviations by
+  ``sqrt(1 + n_calibration / n_heldout)`` (sqrt(2) for equal halves). Comparing the
+  held-out FAR with the plain confidence interval would fail about one time in six even
+  when everything is right.
 
 With fewer calibration impostor pairs than 1/FAR the target cannot be measured (the
 threshold lands above every impostor); ``measurable`` says so and the command warns.
@@ -122,6 +126,7 @@ class OperatingPoint:
     threshold_ci: tuple[float, float]
     tar_ci: tuple[float, float]
     far_ci: tuple[float, float]
+    far_prediction: tuple[float, float]  # where a held-out group's FAR should lie (95%)
     heldout_far: float
     heldout_tar: float
     calibration: dict
@@ -135,12 +140,13 @@ class OperatingPoint:
 
     @property
     def heldout_within(self) -> bool:
-        return self.far_ci[0] <= self.heldout_far <= self.far_ci[1]
+        return bool(self.far_prediction[0] <= self.heldout_far <= self.far_prediction[1])
 
     def to_dict(self) -> dict:
         return {
             "far_target": self.far_target, "threshold": self.threshold, "tar": self.tar, "far": self.far,
             "threshold_ci": list(self.threshold_ci), "tar_ci": list(self.tar_ci), "far_ci": list(self.far_ci),
+            "far_prediction": list(self.far_prediction),
             "heldout_far": self.heldout_far, "heldout_tar": self.heldout_tar, "heldout_far_within_ci": self.heldout_within,
             "measurable": self.measurable, "calibration": self.calibration, "heldout": self.heldout,
             "bootstrap": self.bootstrap, "seed": self.seed,
@@ -198,9 +204,13 @@ def operating_point(vectors: np.ndarray, labels: np.ndarray, far: float, imposto
     imp = np.sort(cs[~cal.same])[::-1]
     t = threshold_at_far(imp, np.ones(len(imp)), far)
     boot = _bootstrap(cs, cal, cal_people, far, t, bootstrap, rng)
+    cal_far = float(np.mean(cs[~cal.same] >= t))
+    far_ci = _interval(boot[:, 2])
+    widen = np.sqrt(1 + len(cal_people) / len(hold_people))
+    far_prediction = (max(0.0, cal_far + widen * (far_ci[0] - cal_far)), cal_far + widen * (far_ci[1] - cal_far))
     return OperatingPoint(
-        far, t, float(np.mean(cs[cal.same] >= t)), float(np.mean(cs[~cal.same] >= t)),
-        _interval(boot[:, 0]), _interval(boot[:, 1]), _interval(boot[:, 2]),
+        far, t, float(np.mean(cs[cal.same] >= t)), cal_far,
+        _interval(boot[:, 0]), _interval(boot[:, 1]), far_ci, far_prediction,
         float(np.mean(hs[~hold.same] >= t)) if hold.impostor else float("nan"),
         float(np.mean(hs[hold.same] >= t)) if hold.genuine else float("nan"),
         _summary(cal, cal_people), _summary(hold, hold_people), bootstrap, seed,
