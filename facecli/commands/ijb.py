@@ -99,9 +99,9 @@ def ijb_from_folders(
     seed: int = typer.Option(0, help="Seed: the same seed writes the same files."),
 ):
     """Write an IJB_release-format set from identity folders: templates of media of images, 5 landmarks, pairs."""
-    from facecli.data.ijb import _identity_images, build_ijb_from_folders
+    from facecli.data.ijb import identity_folders, build_ijb_from_folders
 
-    people = _identity_images(src, max_identities)
+    people = identity_folders(src, max_identities)
     advance = _progress_factory("writing crops", sum(len(files) for _, files in people))
     s = build_ijb_from_folders(src, out_dir, target.value, seed, templates_per_identity, max_identities, max_impostors, advance)
     console.print(

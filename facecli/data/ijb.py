@@ -208,7 +208,7 @@ class IjbBuildSummary:
     impostor_pairs: int
 
 
-def _identity_images(src: Path, max_identities: int | None) -> list[tuple[str, list[Path]]]:
+def identity_folders(src: Path, max_identities: int | None) -> list[tuple[str, list[Path]]]:
     from facecli.data.images import is_image_file
 
     from facecli.data.lfw import IMAGE_ROOT_NAMES
@@ -299,7 +299,7 @@ def build_ijb_from_folders(src: Path, out_dir: Path, target: str = "IJBC", seed:
     out_dir = Path(out_dir)
     if (out_dir / "meta").exists() or (out_dir / "loose_crop").exists():
         raise UserError(f"{out_dir} already holds an IJB layout; choose another folder.")
-    people = _identity_images(src, max_identities)
+    people = identity_folders(src, max_identities)
     rng = np.random.default_rng(seed)
     crops = out_dir / "loose_crop"
     crops.mkdir(parents=True)
