@@ -214,13 +214,16 @@ def test_malformed_meta_line_is_one_line_naming_file_and_line(ijb_dir, trained_c
 
 
 def test_missing_meta_file_or_image_is_one_line(ijb_dir, trained_checkpoint, tmp_path):
-    d = _copy_set(ijb_dir, tmp_path / "bad")
+    d = _copy_set(ijb_dir, tmp_path / "IJBC")
     first = _rows(d / "meta" / "ijbc_name_5pts_score.txt")[0][0]
     (d / "loose_crop" / first).unlink()
     msg = one_line_error(cli("eval-ijb", trained_checkpoint, "--ijb-dir", d, "--workers", "0"))
     assert first in msg and "ijbc_name_5pts_score.txt:1" in msg
     msg = one_line_error(cli("eval-ijb", trained_checkpoint, "--ijb-dir", d, "--workers", "0", "--target", "IJBB"))
     assert "ijbb_name_5pts_score.txt" in msg and "missing" in msg
+    # IJB_release itself (the parent of IJBC/) is accepted: the IJBC sub-folder is read
+    msg = one_line_error(cli("eval-ijb", trained_checkpoint, "--ijb-dir", tmp_path, "--workers", "0"))
+    assert first in msg and "ijbc_name_5pts_score.txt:1" in msg
 
 
 def test_ijb_from_folders_cli_writes_the_layout(synth_lfw_dir, tmp_path):

@@ -39,7 +39,7 @@ def _save_features(path: Path, meta, raw) -> None:
 @guarded
 def eval_ijb(
     checkpoint: Path = typer.Argument(..., help="A facecli checkpoint (.pt)."),
-    ijb_dir: Path = typer.Option(..., "--ijb-dir", help="insightface's IJB_release/IJBC (or IJBB) folder: loose_crop/ and meta/."),
+    ijb_dir: Path = typer.Option(..., "--ijb-dir", help="insightface's IJB_release/IJBC (or IJBB) folder with loose_crop/ and meta/ (or IJB_release itself)."),
     target: IjbTarget = typer.Option(IjbTarget.IJBC, help="IJBC or IJBB (meta/ijbc_* or meta/ijbb_*)."),
     normalize_images: bool = typer.Option(False, "--normalize-images", help="L2-normalise each image's feature before pooling (not their default 'N1')."),
     detector_score: bool = typer.Option(True, "--detector-score/--no-detector-score", help="Weight each image by its detector score (their 'D1')."),
@@ -53,7 +53,7 @@ def eval_ijb(
     amp: bool = typer.Option(True, "--amp/--no-amp", help="Mixed precision on CUDA (as in training)."),
 ):
     """IJB-B/IJB-C 1:1 template verification as insightface's eval_ijbc.py: TAR at FAR 1e-6..1e-1, AUC."""
-    from facecli.data.ijb import check_images, read_ijb_meta
+    from facecli.data.ijb import check_images, read_ijb_meta, resolve_ijb_dir
     from facecli.data.index import default_cache_dir
     from facecli.evaluation.ijb import cache_key, evaluate_ijb
     from facecli.evaluation.reports import ijb_table, save_ijb_roc
@@ -62,6 +62,7 @@ def eval_ijb(
 
     for path in (json_out, save_features):
         _refuse_existing(path, overwrite)
+    ijb_dir = resolve_ijb_dir(ijb_dir, target.value)
     meta = read_ijb_meta(ijb_dir, target.value)
     crops = check_images(ijb_dir, meta)
     fm, embedder = _embedder(checkpoint, device, True, batch_size, workers, amp)

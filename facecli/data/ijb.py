@@ -33,6 +33,12 @@ def meta_path(ijb_dir: Path, target: str, kind: str) -> Path:
     return Path(ijb_dir) / "meta" / f"{target.lower()}_{kind}.txt"
 
 
+def resolve_ijb_dir(ijb_dir: Path, target: str) -> Path:
+    """``IJB_release/IJBC`` as given, or ``IJB_release`` itself (its ``IJBC/`` sub-folder is taken)."""
+    sub = Path(ijb_dir) / target.upper()
+    return sub if not (Path(ijb_dir) / "meta").is_dir() and (sub / "meta").is_dir() else Path(ijb_dir)
+
+
 @dataclass
 class IjbMeta:
     """One target's protocol: per-face rows, the distinct images, and the template pairs."""
