@@ -155,9 +155,7 @@ class OperatingPoint:
 
 def _bootstrap(scores, pairs: PairSample, people: np.ndarray, far: float, t: float, reps: int, rng) -> np.ndarray:
     """(reps, 3): threshold, TAR and FAR-at-``t`` of each identity resample."""
-    where = {p: k for k, p in enumerate(people.tolist())}
-    ka = np.array([where[p] for p in pairs.person_a.tolist()])
-    kb = np.array([where[p] for p in pairs.person_b.tolist()])
+    ka, kb = np.searchsorted(people, pairs.person_a), np.searchsorted(people, pairs.person_b)  # people is sorted
     imp = ~pairs.same
     order = np.argsort(-scores[imp], kind="mergesort")
     imp_desc, ia, ib = scores[imp][order], ka[imp][order], kb[imp][order]
