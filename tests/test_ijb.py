@@ -233,3 +233,28 @@ def test_ijb_from_folders_cli_writes_the_layout(synth_lfw_dir, tmp_path):
         "ijbb_name_5pts_score.txt", "ijbb_face_tid_mid.txt", "ijbb_template_pair_label.txt"}
     msg = one_line_error(cli("ijb-from-folders", synth_lfw_dir, tmp_path / "out"))
     assert "already holds" in msg
+
+
+def test_interrupted_embedding_restarts_from_the_cache(ijb_dir, trained_checkpoint, tmp_path):
+    from facecli.data.ijb import read_ijb_meta
+    from facecli.engine.checkpoint import load_model
+    from facecli.evaluation.embedding import Embedder
+    from facecli.evaluation.ijb import embed_ijb
+
+    meta = read_ijb_meta(ijb_dir, "IJBC")
+    fm = load_model(trained_checkpoint)
+    embedder = Embedder(fm.net, fm.preprocess, "cpu", True, 8, 0, normalize=False)
+    cache = tmp_path / "feats.npz"
+    seen = [0]
+
+    def stop_after_two_chunks(n):
+        seen[0] += n
+        if seen[0] >= 32:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        embed_ijb(embedder, meta, ijb_dir / "loose_crop", cache, stop_after_two_chunks, chunk=16)
+    resumed = embed_ijb(embedder, meta, ijb_dir / "loose_crop", cache, chunk=16)
+    assert resumed.embedded_now == len(meta.image_names) - 16  # the first chunk was saved before the stop
+    fresh = embed_ijb(embedder, meta, ijb_dir / "loose_crop", None, chunk=16)
+    np.testing.assert_allclose(resumed.features, fresh.features, atol=1e-5)
