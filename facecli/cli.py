@@ -404,8 +404,13 @@ def tune_threshold_cmd(
     json_out: Optional[Path] = typer.Option(None, "--json"),
     amp: bool = typer.Option(True, "--amp/--no-amp", help="Mixed precision on CUDA (as in training)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing picture (CHECKPOINT-NAME_threshold_curve.png) and --json file."),
+    far: Optional[float] = typer.Option(None, "--far", help="Instead: the threshold for this false-accept rate (e.g. 1e-4), with identity-bootstrap intervals and a held-out check."),
+    folders: Optional[Path] = typer.Option(None, "--folders", help="With --far: your identity folders (default: the LFW people of peopleDevTest.txt)."),
+    impostor_pairs: int = typer.Option(1_000_000, help="With --far: at most this many impostor pairs per half (seeded sample)."),
+    bootstrap: int = typer.Option(300, help="With --far: bootstrap resamples of identities."),
+    seed: int = typer.Option(0, help="With --far: seed of the identity split, impostor sample and bootstrap."),
 ):
-    """Choose the verification threshold on View 1 training pairs and report View 1 test accuracy.
+    """Choose the verification threshold on View 1 training pairs and report View 1 test accuracy (or, with --far, a FAR operating point).
 
     Writes CHECKPOINT-NAME_threshold_curve.png beside the checkpoint (or the --json file)."""
     from facecli.data.lfw import find_image_root, read_pairs
@@ -422,6 +427,10 @@ def tune_threshold_cmd(
     if save and fm.kind == "onnx":
         raise UserError(f"{checkpoint} is an ONNX export; --save stores the threshold in a checkpoint.",
                         hint="Tune and save on the .pt checkpoint, then export it again.")
+    if far is not None:
+        from facecli.commands.operating_point import tune_far
+
+        return tune_far(embedder, checkpoint, far, folders, lfw_dir, impostor_pairs, bootstrap, seed, save, json_out, _progress_factory)
     lfw = _lfw_for_eval(lfw_dir, fm)
     root = find_image_root(lfw)
     train_set = read_pairs(resolve_pairs_arg(pairs, lfw, "pairsDevTrain.txt"), root)
@@ -645,6 +654,7 @@ def _positive(value: int | None, flag: str) -> None:
 
 # Raw-photo commands (gallery build, identify, export) and the --detect options above.
 from facecli.commands import photos  # noqa: E402
+from facecli.commands import ijb as _ijb_commands  # noqa: E402,F401  (eval-ijb, ijb-from-folders)
 
 
 def main() -> None:

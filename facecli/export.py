@@ -58,6 +58,7 @@ def onnx_metadata(runner: ModelRunner, source: str, weights: str) -> dict[str, s
         "weights": weights,  # the ONNX initializers' hash: binds this metadata to these weights
         "source": source,
         "flip": FLIP_CONVENTION,
+        **operating_point_of(runner),  # threshold_source, threshold_far, threshold_far_ci when the checkpoint has them
     }
     return {
         "facecli": json.dumps(meta, sort_keys=True),
@@ -70,6 +71,13 @@ def onnx_metadata(runner: ModelRunner, source: str, weights: str) -> dict[str, s
         "output": f"{runner.embedding_dim}-d embedding, not normalised",
         "threshold": "none" if runner.threshold is None else f"{runner.threshold:.6f} (cosine similarity, same person at or above)",
     }
+
+
+def operating_point_of(runner: ModelRunner) -> dict:
+    from facecli.engine.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(runner.path) if runner.kind == "torch" else {}
+    return {k: ckpt[k] for k in ("threshold_source", "threshold_far", "threshold_far_ci") if k in ckpt}
 
 
 def _onnx():

@@ -175,9 +175,19 @@ def load_torch_model(path: str | os.PathLike, device: str | torch.device = "cpu"
     )
 
 
-def set_threshold(path: str | os.PathLike, threshold: float, source: str) -> None:
-    """Store a verification threshold in an existing checkpoint (atomically)."""
+def set_threshold(path: str | os.PathLike, threshold: float, source: str, far: float | None = None,
+                  far_ci: tuple[float, float] | None = None) -> None:
+    """Store a threshold in an existing checkpoint (atomically); with ``far`` it is an operating point at that FAR.
+
+    Without ``far`` any earlier ``threshold_far``/``threshold_far_ci`` is removed: they
+    described the old threshold, not an accuracy-optimal one.
+    """
     ckpt = load_checkpoint(path)
     ckpt["threshold"] = float(threshold)
     ckpt["threshold_source"] = source
+    ckpt.pop("threshold_far", None), ckpt.pop("threshold_far_ci", None)
+    if far is not None:
+        ckpt["threshold_far"] = float(far)
+        if far_ci is not None:
+            ckpt["threshold_far_ci"] = [float(far_ci[0]), float(far_ci[1])]
     save_checkpoint(ckpt, path)

@@ -52,10 +52,12 @@ class Embedder:
     batch_size: int | None = None
     workers: int = 0
     amp: bool = True
+    normalize: bool = True  # False: raw f(x) (+ f(flip x)), as IJB's "N1" mode needs
 
     def dataset(self, dataset: Dataset, progress: Callable[[int], None] | None = None) -> "Embeddings":
         """Embed a dataset yielding ``(image, index, bad)``."""
-        return embed_dataset(self.net, self.preprocess, dataset, self.device, self.flip, self.batch_size, self.workers, progress, amp=self.amp)
+        return embed_dataset(self.net, self.preprocess, dataset, self.device, self.flip, self.batch_size, self.workers, progress,
+                             amp=self.amp, normalize=self.normalize)
 
     def paths(self, paths: Sequence, progress: Callable[[int], None] | None = None) -> "Embeddings":
         """Embed image files (each path once, in order)."""
@@ -78,8 +80,9 @@ def embed_dataset(
     workers: int = 0,
     progress: Callable[[int], None] | None = None,
     amp: bool = True,
+    normalize: bool = True,
 ) -> Embeddings:
-    """Embed every sample of a dataset yielding ``(image, index, bad)``."""
+    """Embed every sample of a dataset yielding ``(image, index, bad)`` (unit rows unless ``normalize=False``)."""
     device = torch.device(device)
     n = len(dataset)
     batch_size = batch_size or default_batch_size(device)
@@ -99,7 +102,7 @@ def embed_dataset(
         for images, index, reasons in DataLoader(dataset, **loader_kwargs):
             bad.extend(reasons)
             if images.shape[0]:
-                z, chunk = embed_batch(net, images, preprocess, device, dtype, flip, chunk)
+                z, chunk = embed_batch(net, images, preprocess, device, dtype, flip, chunk, normalize=normalize)
                 passes += images.shape[0] * (2 if flip else 1)
                 z = z.cpu().numpy()
                 if out is None:
@@ -137,8 +140,9 @@ def pair_scores(vectors: np.ndarray, index_a: np.ndarray, index_b: np.ndarray) -
     return np.einsum("ij,ij->i", a, b)
 
 
-def embed_batch(net, images: torch.Tensor, preprocess: Preprocess, device: torch.device, dtype, flip: bool, chunk: int) -> tuple[torch.Tensor, int]:
-    """A batch of uint8 images (on the host) as unit embeddings on ``device``, in pieces of at most
+def embed_batch(net, images: torch.Tensor, preprocess: Preprocess, device: torch.device, dtype, flip: bool, chunk: int,
+                normalize: bool = True) -> tuple[torch.Tensor, int]:
+    """A batch of uint8 images (on the host) as unit embeddings (raw ones with ``normalize=False``) on ``device``, in pieces of at most
     ``chunk`` images; ``chunk`` halves when the GPU runs out of memory, and comes back with the result.
 
     Evaluation starts with large batches (2048 images, twice that with flips) and settles on the
@@ -150,7 +154,7 @@ def embed_batch(net, images: torch.Tensor, preprocess: Preprocess, device: torch
     while start < images.shape[0]:
         piece = images[start : start + chunk]
         try:
-            outputs.append(_embed_piece(net, piece, preprocess, device, dtype, flip))
+            outputs.append(_embed_piece(net, piece, preprocess, device, dtype, flip, normalize))
         except torch.cuda.OutOfMemoryError:
             if chunk == 1:
                 raise
@@ -162,7 +166,8 @@ def embed_batch(net, images: torch.Tensor, preprocess: Preprocess, device: torch
     return torch.cat(outputs), chunk
 
 
-def _embed_piece(net, images: torch.Tensor, preprocess: Preprocess, device: torch.device, dtype, flip: bool) -> torch.Tensor:
+def _embed_piece(net, images: torch.Tensor, preprocess: Preprocess, device: torch.device, dtype, flip: bool,
+                 normalize: bool = True) -> torch.Tensor:
     x = normalize_batch(images.to(device, non_blocking=True), preprocess)
     if flip:
         x = torch.cat([x, x.flip(3)])
@@ -173,7 +178,7 @@ def _embed_piece(net, images: torch.Tensor, preprocess: Preprocess, device: torc
     if flip:
         b = images.shape[0]
         z = z[:b] + z[b:]
-    return F.normalize(z, dim=1)
+    return F.normalize(z, dim=1) if normalize else z
 
 
 def _one_thread(_: int) -> None:

@@ -104,6 +104,35 @@ def save_roc(report, path: Path, title: str = "ROC") -> Path:
     return _save(plt, fig, path)
 
 
+def ijb_table(report) -> Table:
+    """TAR at each FAR of the IJB protocol, and the AUC."""
+    d = report.to_dict()
+    t = Table(title=f"{report.target} 1:1 template verification: {d['pairs']:,} pairs ({d['genuine_pairs']:,} genuine), {d['templates']:,} templates")
+    t.add_column("FAR", justify="right")
+    t.add_column("TAR", justify="right")
+    for far, tar in report.tar_at_far.items():
+        short = " (fewer impostor pairs than 1/FAR)" if d["impostor_pairs"] * far < 1 else ""
+        t.add_row(f"{far:g}", _pct(tar) + short)
+    t.add_section()
+    t.add_row("AUC", f"{report.auc:.6f}")
+    return t
+
+
+def save_ijb_roc(fpr: np.ndarray, tpr: np.ndarray, auc: float, path: Path, title: str) -> Path:
+    """The IJB ROC on a log-FAR axis from 1e-6, as the IJB papers draw it."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
+    ax.plot(np.clip(fpr, 1e-6, 1), tpr, lw=1.5)
+    ax.set_xscale("log")
+    ax.set_xlim(1e-6, 1)
+    ax.set_ylim(0, 1.01)
+    ax.set_xlabel("false accept rate")
+    ax.set_ylabel("true accept rate")
+    ax.set_title(f"{title}: AUC {auc:.4f}")
+    ax.grid(True, which="both", alpha=0.3)
+    return _save(plt, fig, path)
+
+
 def save_histogram(scores: np.ndarray, issame: np.ndarray, path: Path, threshold: float | None = None, title: str = "Scores") -> Path:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
