@@ -23,7 +23,7 @@ from facecli.engine.config import TrainConfig
 from facecli.engine.distributed import World
 from facecli.engine.step import DeviceStats, StepRunner
 from facecli.engine.optim import Schedule, build_optimizer
-from facecli.engine.setup import FaceModelForTraining, RunParts, _head, adacos_scale, set_warmup_scale
+from facecli.engine.setup import NetWithLoss, RunParts, _head, adacos_scale, set_warmup_scale
 from facecli.losses import LOSSES
 
 MODELS = ["sphereface", "cosface", "arcface", "curricularface", "facenet"]
@@ -72,7 +72,7 @@ def _runner(cfg: TrainConfig, world: World, device: torch.device) -> StepRunner:
         head = _head(cfg, world, CLASSES)
     if cfg.scale_warmup and cfg.margin_warmup_epochs > 0:
         set_warmup_scale(head, adacos_scale(CLASSES))
-    model = FaceModelForTraining(net, head)
+    model = NetWithLoss(net, head)
     if cfg.channels_last:
         _channels_last(model)
     optimizer = build_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay, cfg.momentum)
