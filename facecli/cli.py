@@ -430,7 +430,8 @@ def tune_threshold_cmd(
     if far is not None:
         from facecli.commands.operating_point import tune_far
 
-        return tune_far(embedder, checkpoint, far, folders, lfw_dir, impostor_pairs, bootstrap, seed, save, json_out, _progress_factory)
+        lfw = None if folders is not None else _lfw_for_eval(lfw_dir, fm)
+        return tune_far(embedder, checkpoint, far, folders, lfw, impostor_pairs, bootstrap, seed, save, json_out, _progress_factory)
     lfw = _lfw_for_eval(lfw_dir, fm)
     root = find_image_root(lfw)
     train_set = read_pairs(resolve_pairs_arg(pairs, lfw, "pairsDevTrain.txt"), root)
