@@ -1,6 +1,6 @@
 """``tune-threshold --far``: an operating point at a target false-accept rate (the command's output half).
 
-Called by :func:`facecli.cli.tune_threshold_cmd`; the numbers come from
+Called by :func:`facecli.commands.evaluation.tune_threshold_cmd`; the numbers come from
 :mod:`facecli.evaluation.operating_point`.
 """
 
@@ -11,6 +11,7 @@ from typing import Optional
 
 from rich.table import Table
 
+from facecli.commands.common import lfw_for_eval
 from facecli.errors import UserError
 from facecli.ui import console, warn
 
@@ -22,9 +23,7 @@ def _people(folders: Optional[Path], lfw_dir: Optional[Path]):
     if folders is not None:
         paths, labels, names = identity_images(folders)
         return paths, labels, f"identity folders {folders}"
-    from facecli.cli import _lfw_for_eval
-
-    lfw = _lfw_for_eval(lfw_dir)
+    lfw = lfw_for_eval(lfw_dir)
     people_file = lfw_pair_file(lfw, "peopleDevTest.txt")
     paths, labels, names = lfw_people_images(lfw, people_file)
     return paths, labels, f"LFW {people_file.name} people"
