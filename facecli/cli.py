@@ -10,22 +10,30 @@ from __future__ import annotations
 import os
 import sys
 
+import click
 import typer
 from typer.core import TyperGroup
 
 from facecli import __version__
 from facecli.commands import data, evaluation, ijb, photos, training
 from facecli.commands.common import error_line, state
+from facecli.commands.plugins import load_plugins
 from facecli.errors import UserError
 from facecli.ui import console
 
 
 class _Commands(TyperGroup):
-    """The command group: plugins are loaded (and a broken one reported in one line) before any command or --help."""
+    """facecli's command group, built once per run.
+
+    Before anything runs (``--help`` and completion too) it loads the plugins, inside the
+    one-line error guard. ``train``, ``resume`` and ``demo``, whose flags depend on the
+    registered losses, are built when first looked up (after the plugins), once each; the
+    command list of ``--help`` shows their docstrings without building them (nor importing torch).
+    """
+
+    _listing = False
 
     def main(self, *args, **kwargs):
-        from facecli.cli_config import load_plugins
-
         try:
             load_plugins()
         except UserError as e:
@@ -33,16 +41,23 @@ class _Commands(TyperGroup):
             sys.exit(e.exit_code)
         return super().main(*args, **kwargs)
 
+    def list_commands(self, ctx) -> list[str]:
+        return list(dict.fromkeys([*training.COMMANDS, *super().list_commands(ctx)]))
 
-app = typer.Typer(
-    cls=_Commands,
-    name="facecli",
-    help="Train and evaluate margin-loss face-recognition models (SphereFace, CosFace, ArcFace, CurricularFace, FaceNet).",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=True,  # --install-completion: model, backbone and option choices come from the registries
-    rich_markup_mode=None,
-)
+    def format_commands(self, ctx, formatter) -> None:
+        self._listing = True
+        try:
+            super().format_commands(ctx, formatter)
+        finally:
+            self._listing = False
+
+    def get_command(self, ctx, name: str):
+        if name in training.COMMANDS and name not in self.commands and self._listing:
+            return click.Command(name, help=training.COMMANDS[name][0].__doc__)
+        if name in training.COMMANDS and name not in self.commands:
+            info = typer.models.CommandInfo(name, callback=training.build(name))
+            self.add_command(typer.main.get_command_from_info(info, pretty_exceptions_short=True, rich_markup_mode=None), name)
+        return super().get_command(ctx, name)
 
 
 def _version(value: bool):
@@ -51,16 +66,31 @@ def _version(value: bool):
         raise typer.Exit()
 
 
-@app.callback()
-def root(
+def _root(
     debug: bool = typer.Option(False, "--debug", help="Show Python tracebacks for errors."),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
 ):
     state["debug"] = debug
 
 
-for family in (training, evaluation, ijb, photos, data):
-    family.register(app)
+def build_app() -> typer.Typer:
+    """The app: the root options and every family's commands (train, resume and demo join when looked up)."""
+    app = typer.Typer(
+        cls=_Commands,
+        name="facecli",
+        help="Train and evaluate margin-loss face-recognition models (SphereFace, CosFace, ArcFace, CurricularFace, FaceNet).",
+        no_args_is_help=True,
+        pretty_exceptions_enable=False,
+        add_completion=True,  # --install-completion: model, backbone and option choices come from the registries
+        rich_markup_mode=None,
+    )
+    app.callback()(_root)
+    for family in (evaluation, ijb, photos, data):
+        family.register(app)
+    return app
+
+
+app = build_app()
 
 
 def main() -> None:

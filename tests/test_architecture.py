@@ -9,7 +9,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from conftest import REPO
+from conftest import REPO, cli
 
 PACKAGE = REPO / "facecli"
 MAX_FUNCTION_LINES = 60
@@ -137,6 +137,19 @@ def test_cli_only_assembles_the_app():
 
 def test_no_isinstance_on_a_concrete_loss_outside_losses_py():
     assert loss_class_checks(PACKAGE) == []
+
+
+def test_the_cli_builds_only_the_derived_command_it_runs_and_that_once(monkeypatch):
+    """train/resume/demo compute their flags from the registries: never for another command, once for their own."""
+    from facecli.commands import training
+
+    built = []
+    for name, (body, builder) in list(training.COMMANDS.items()):
+        monkeypatch.setitem(training.COMMANDS, name, (body, lambda builder=builder, name=name: built.append(name) or builder()))
+    listing = cli("--help")
+    assert listing.exit_code == 0 and "train" in listing.output and "Continue a run" in listing.output and built == []
+    assert cli("info", "missing.pt").exit_code == 2 and built == []
+    assert "--margin" in cli("train", "--help").output and built == ["train"]
 
 
 def test_the_rules_see_what_they_forbid(tmp_path):

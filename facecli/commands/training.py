@@ -1,7 +1,9 @@
-"""``train``, ``resume`` and ``demo``: their flags derive from the settings (:mod:`facecli.cli_config`).
+"""``train``, ``resume`` and ``demo``: their flags derive from the settings (:mod:`facecli.commands.flags`).
 
 Each command is a body (``**kw`` in, the library called) and a parameter builder (the
-fixed arguments of the command plus the derived setting flags).
+fixed arguments of the command plus the derived setting flags). The flags depend on the
+losses registered (plugins included), so :func:`build` runs a builder only when the command
+is looked up, after the plugins are loaded: once per run, never for another command.
 """
 
 from __future__ import annotations
@@ -18,13 +20,6 @@ from facecli.engine.runs import CHECKPOINT_NAMES
 from facecli.ui import console, progress, warn
 
 ResumeFrom = Enum("ResumeFrom", {name: name for name in CHECKPOINT_NAMES}, type=str)  # resume --from
-
-
-def guarded_derived(body, parameters):
-    """A command whose flags derive from the settings (see :mod:`facecli.cli_config`), with ``guarded``'s errors."""
-    from facecli.cli_config import DerivedCommand
-
-    return DerivedCommand(guarded(body), parameters)
 
 
 def _train_progress():
@@ -57,16 +52,15 @@ def _run(cfg, run_settings, **resume) -> None:
 
 
 def train_parameters() -> list[inspect.Parameter]:
-    from facecli.cli_config import _param, choice_type, config_options, plugins_for_parameters
+    from facecli.commands.flags import param, choice_type, config_options
     from facecli.engine.config import choices
 
-    plugins_for_parameters()
     fixed = [
-        _param("model", Optional[choice_type("model", choices("model"))], typer.Argument(None, help="Loss to train (may come from --config instead).", show_default=False)),
-        _param("config", Optional[Path], typer.Option(None, "--config", help="YAML, TOML or JSON file of settings (keys as in --print-config); flags override it.")),
-        _param("print_config", bool, typer.Option(False, "--print-config", help="Print the resolved configuration as YAML (what --config reads) and train nothing.")),
-        _param("dataset_path", Optional[Path], typer.Option(None, help="Dataset root (default: DATASET_PATH); holds CASIA-webface/ and LFW.")),
-        _param("train_rec", Optional[Path], typer.Option(None, help="Folder holding insightface's train.rec/train.idx (same as --train-dir on it).")),
+        param("model", Optional[choice_type("model", choices("model"))], typer.Argument(None, help="Loss to train (may come from --config instead).", show_default=False)),
+        param("config", Optional[Path], typer.Option(None, "--config", help="YAML, TOML or JSON file of settings (keys as in --print-config); flags override it.")),
+        param("print_config", bool, typer.Option(False, "--print-config", help="Print the resolved configuration as YAML (what --config reads) and train nothing.")),
+        param("dataset_path", Optional[Path], typer.Option(None, help="Dataset root (default: DATASET_PATH); holds CASIA-webface/ and LFW.")),
+        param("train_rec", Optional[Path], typer.Option(None, help="Folder holding insightface's train.rec/train.idx (same as --train-dir on it).")),
     ]
     return fixed + config_options()
 
@@ -85,7 +79,7 @@ def train(**kw):
 
 def _train_config(kw: dict, run_settings):
     """File < flags, validated before any data is looked at; then the data folders (not for --print-config)."""
-    from facecli.cli_config import train_values, with_data_paths
+    from facecli.commands.flags import train_values, with_data_paths
     from facecli.engine.config import TrainConfig
 
     values, origins = train_values(kw, run_settings.checkpoints_dir, warn)
@@ -95,22 +89,21 @@ def _train_config(kw: dict, run_settings):
 
 
 def resume_parameters() -> list[inspect.Parameter]:
-    from facecli.cli_config import _param, choice_type, config_options, plugins_for_parameters, resume_keys
+    from facecli.commands.flags import param, choice_type, config_options, resume_keys
     from facecli.engine.config import choices
     from facecli.engine.runs import MIN_LOSS_RULE
 
-    plugins_for_parameters()
     fixed = [
-        _param("model", choice_type("model", choices("model")), typer.Argument(..., help="The model of the run to continue.")),
-        _param("from_", ResumeFrom, typer.Option(ResumeFrom.latest, "--from", help=f"latest, min_loss or best checkpoint of the run. {MIN_LOSS_RULE} (none before the warm-up ends); best.pt: the best View 1 dev-test accuracy (--eval-every).")),
-        _param("run", Optional[str], typer.Option(None, "--run", "--run-name", help="Run name (default: the newest run of MODEL). Under torchrun write --run-name (torchrun reads --run as its own --run-path).")),
+        param("model", choice_type("model", choices("model")), typer.Argument(..., help="The model of the run to continue.")),
+        param("from_", ResumeFrom, typer.Option(ResumeFrom.latest, "--from", help=f"latest, min_loss or best checkpoint of the run. {MIN_LOSS_RULE} (none before the warm-up ends); best.pt: the best View 1 dev-test accuracy (--eval-every).")),
+        param("run", Optional[str], typer.Option(None, "--run", "--run-name", help="Run name (default: the newest run of MODEL). Under torchrun write --run-name (torchrun reads --run as its own --run-path).")),
     ]
     return fixed + config_options(keys=resume_keys())
 
 
 def resume(**kw):
     """Continue a run from its latest (or min_loss/best) checkpoint, with everything restored."""
-    from facecli.cli_config import given_values
+    from facecli.commands.flags import given_values
     from facecli.engine.runs import prepare_resume
 
     run_settings = settings()
@@ -121,18 +114,17 @@ def resume(**kw):
 
 
 def demo_parameters() -> list[inspect.Parameter]:
-    from facecli.cli_config import _param, choice_type, config_options, plugins_for_parameters
+    from facecli.commands.flags import param, choice_type, config_options
     from facecli.demo import DEMO_SETTINGS, HEAD_SETTINGS
     from facecli.engine.config import choices
 
-    plugins_for_parameters()
     model = choice_type("model", choices("model"))
     fixed = [
-        _param("out_dir", Path, typer.Option(Path("demo"), "--out", help="Where the synthetic set and the run go.")),
-        _param("model", model, typer.Option(model("arcface"), help="Loss to train.")),
-        _param("identities", int, typer.Option(200, help="Synthetic training identities.")),
-        _param("test_identities", int, typer.Option(60, help="Synthetic held-out identities.")),
-        _param("images_per_identity", int, typer.Option(20, help="Synthetic images per identity.")),
+        param("out_dir", Path, typer.Option(Path("demo"), "--out", help="Where the synthetic set and the run go.")),
+        param("model", model, typer.Option(model("arcface"), help="Loss to train.")),
+        param("identities", int, typer.Option(200, help="Synthetic training identities.")),
+        param("test_identities", int, typer.Option(60, help="Synthetic held-out identities.")),
+        param("images_per_identity", int, typer.Option(20, help="Synthetic images per identity.")),
     ]
     keys = set(DEMO_SETTINGS) - set(HEAD_SETTINGS)
     return fixed + config_options(keys=keys, defaults=DEMO_SETTINGS)
@@ -140,7 +132,7 @@ def demo_parameters() -> list[inspect.Parameter]:
 
 def demo(**kw):
     """The main job on the embedded synthetic set: train on the CPU, show held-out accuracy, trained vs untrained."""
-    from facecli.cli_config import given_values
+    from facecli.commands.flags import given_values
     from facecli.demo import run_demo
 
     res = run_demo(
@@ -168,7 +160,12 @@ def _print_demo(res, out_dir: Path, model: str) -> None:
     console.print(f"Next: facecli eval-lfw {shlex.quote(ckpt)} --lfw-dir {shlex.quote(lfw)}", markup=False)
 
 
-def register(app: typer.Typer) -> None:
-    app.command("train")(guarded_derived(train, train_parameters))
-    app.command("resume")(guarded_derived(resume, resume_parameters))
-    app.command("demo")(guarded_derived(demo, demo_parameters))
+COMMANDS = {"train": (train, train_parameters), "resume": (resume, resume_parameters), "demo": (demo, demo_parameters)}
+
+
+def build(name: str):
+    """The Typer callback of command ``name``: its parameters computed once, with ``guarded``'s errors."""
+    from facecli.commands.flags import derived_command
+
+    body, parameters = COMMANDS[name]
+    return derived_command(guarded(body), parameters())
