@@ -57,7 +57,7 @@ def train_parameters() -> list[inspect.Parameter]:
 
     fixed = [
         param("model", Optional[choice_type("model", choices("model"))], typer.Argument(None, help="Loss to train (may come from --config instead).", show_default=False)),
-        param("config", Optional[Path], typer.Option(None, "--config", help="YAML, TOML or JSON file of settings (keys as in --print-config); flags override it.")),
+        param("config", Optional[Path], typer.Option(None, "--config", help="YAML, TOML or JSON file of settings (keys as in --print-config), such as a run's config.yaml or its config.json record; flags override it.")),
         param("print_config", bool, typer.Option(False, "--print-config", help="Print the resolved configuration as YAML (what --config reads) and train nothing.")),
         param("dataset_path", Optional[Path], typer.Option(None, help="Dataset root (default: DATASET_PATH); holds CASIA-webface/ and LFW.")),
         param("train_rec", Optional[Path], typer.Option(None, help="Folder holding insightface's train.rec/train.idx (same as --train-dir on it).")),
@@ -66,7 +66,7 @@ def train_parameters() -> list[inspect.Parameter]:
 
 
 def train(**kw):
-    """Train a model; writes <checkpoints>/<model>/<run>/ with latest.pt, min_loss.pt, epoch_NNN.pt, config.yaml."""
+    """Train a model; writes <checkpoints>/<model>/<run>/ with latest.pt, min_loss.pt, epoch_NNN.pt, config.yaml (restartable: train --config it) and config.json (the record)."""
     from facecli.engine.config import dump_yaml
 
     run_settings = settings()
