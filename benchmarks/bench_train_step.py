@@ -89,7 +89,7 @@ class Step:
         from facecli.engine.setup import RunParts
 
         parts = RunParts(self.pre, None, [], self.model.net, self.model.head, self.model, None, self.optimizer,
-                         Schedule("constant", 0.1, 10**9, 1000), self.scaler, 0)
+                         Schedule("constant", 0.1, 10**9, 1000), self.scaler, 0, bool(self.channels_last))
         cfg = SimpleNamespace(channels_last=self.channels_last, clip_grad_norm=0.0, seed=0, batch_size=self.batch)
         return StepRunner(parts, self.forward_module, cfg, World(), self.device, self.amp)
 

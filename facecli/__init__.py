@@ -13,7 +13,7 @@ Glossary (the words the code uses, one meaning each):
 - **model**: the *name* of a registered loss (``arcface``, ``facenet``, a plugin's), as
   in ``facecli train MODEL`` and ``TrainConfig.model``; a *trained* model is a net with
   its preprocessing and threshold, read from a checkpoint or an ONNX export
-  (``models.open_model``).
+  (``models.load_model``).
 - **run**: one training, the folder ``<checkpoints>/<model>/<run-name>/`` with its
   checkpoints, ``config.yaml``/``config.json``, ``metrics.jsonl`` and pictures
   (``engine.runs``).

@@ -23,7 +23,7 @@ from facecli.engine.config import TrainConfig
 from facecli.engine.distributed import World
 from facecli.engine.step import DeviceStats, StepRunner
 from facecli.engine.optim import Schedule, build_optimizer
-from facecli.engine.setup import FaceModelForTraining, RunParts, _head, adacos_scale, set_warmup_scale
+from facecli.engine.setup import NetWithLoss, RunParts, _head, adacos_scale, set_warmup_scale
 from facecli.losses import LOSSES
 
 MODELS = ["sphereface", "cosface", "arcface", "curricularface", "facenet"]
@@ -72,13 +72,14 @@ def _runner(cfg: TrainConfig, world: World, device: torch.device) -> StepRunner:
         head = _head(cfg, world, CLASSES)
     if cfg.scale_warmup and cfg.margin_warmup_epochs > 0:
         set_warmup_scale(head, adacos_scale(CLASSES))
-    model = FaceModelForTraining(net, head)
-    if cfg.channels_last:
+    model = NetWithLoss(net, head)
+    channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"  # build_parts' rule
+    if channels_last:
         _channels_last(model)
     optimizer = build_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay, cfg.momentum)
     schedule = Schedule(cfg.scheduler, cfg.lr, 10, 5, cfg.warmup_epochs)
     scaler = torch.amp.GradScaler("cuda", enabled=False)
-    parts = RunParts(Preprocess(image_size=SIZE), None, [], net, head, model, None, optimizer, schedule, scaler, 5)
+    parts = RunParts(Preprocess(image_size=SIZE), None, [], net, head, model, None, optimizer, schedule, scaler, 5, channels_last)
     return StepRunner(parts, model, cfg, world, device, None)
 
 
@@ -99,7 +100,7 @@ def test_training_forward_half_on_fake_cuda(model, sharded, request, fresh_affin
     with FakeTensorMode(), torch.device("cuda"):
         device = torch.device("cuda", 0)
         runner = _runner(cfg, world, device)
-        assert runner.channels_last and runner.parts.head.sharded == sharded
+        assert runner.parts.channels_last and runner.parts.head.sharded == sharded
         images, labels = _host_batch()
         stats = DeviceStats(device)
         for step in (0, 7):  # inside the margin/scale warm-up, then past it

@@ -237,7 +237,7 @@ def test_ijb_from_folders_cli_writes_the_layout(synth_lfw_dir, tmp_path):
 
 def test_interrupted_embedding_restarts_from_the_cache(ijb_dir, trained_checkpoint, tmp_path):
     from facecli.data.ijb import read_ijb_meta
-    from facecli.engine.checkpoint import load_model
+    from facecli.models import load_model
     from facecli.evaluation.embedding import Embedder
     from facecli.evaluation.ijb import embed_ijb
 

@@ -108,11 +108,11 @@ def test_onnx_export_carries_the_operating_point(trained_checkpoint, tmp_path):
 
     from facecli.engine.checkpoint import set_threshold
     from facecli.export import onnx_metadata
-    from facecli.models import open_model
+    from facecli.models import load_model
 
     ck = tmp_path / "m.pt"
     shutil.copy(trained_checkpoint, ck)
     set_threshold(ck, 0.42, "test", far=1e-3, far_ci=(5e-4, 2e-3))
-    meta = json.loads(onnx_metadata(open_model(ck), str(ck))["facecli"])
+    meta = json.loads(onnx_metadata(load_model(ck), str(ck), "weights-fingerprint")["facecli"])
     assert meta["threshold"] == 0.42 and meta["threshold_far"] == 1e-3 and meta["threshold_far_ci"] == [5e-4, 2e-3]
     assert meta["threshold_source"] == "test"

@@ -126,7 +126,7 @@ def test_align_detect_writes_aligned_crops_and_a_detections_table(raw_photos, tm
 # ------------------------------------------------------------------ identification
 
 ATT_ARGS = [
-    "--backbone", "resnet18", "--image-size", "32", "--epochs", "6", "--batch-size", "16", "--optimizer", "adamw",
+    "--backbone", "resnet18", "--image-size", "32", "--epochs", "8", "--batch-size", "16", "--optimizer", "adamw",
     "--lr", "0.001", "--weight-decay", "0.1", "--dropout", "0.5", "--embedding-dim", "64", "--scale", "30", "--seed", "0",
     "--workers", "0", "--device", "cpu", "--no-wandb", "--no-eval",
 ]
@@ -134,7 +134,8 @@ ATT_ARGS = [
 
 @pytest.fixture(scope="module")
 def att_checkpoint(tmp_path_factory) -> Path:
-    """CosFace on AT&T people s1-s10, 6 epochs at 32x32 (about 10 s of one core)."""
+    """CosFace on AT&T people s1-s10, 8 epochs at 32x32 (about 15 s of one core; 6 epochs gave rank-1 0.8 with
+    numpy 2.4.6 and pillow 13.0.0, short of the test's 0.9)."""
     root = tmp_path_factory.mktemp("att")
     people = root / "people.txt"
     people.write_text("".join(f"s{i}\n" for i in range(1, 11)))

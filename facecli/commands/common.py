@@ -139,7 +139,7 @@ def embedder_for(checkpoint: Path, device: str | None, flip: bool, batch_size: i
     return fm, Embedder(fm.net, fm.preprocess, fm.device_for(dev), flip, batch_size, workers, amp)
 
 
-def lfw_for_eval(lfw_dir: Optional[Path], fm=None) -> Path:
+def lfw_for_eval(lfw_dir: Optional[Path], fm) -> Path:
     """--lfw-dir, else the checkpoint's own lfw_dir while it exists, else LFW under DATASET_PATH."""
     from facecli.data import lfw_for_evaluation
 

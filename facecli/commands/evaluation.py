@@ -129,7 +129,8 @@ def tune_threshold_cmd(
         raise UserError(f"{checkpoint} is an ONNX export; --save stores the threshold in a checkpoint.",
                         hint="Tune and save on the .pt checkpoint, then export it again.")
     if far is not None:
-        return tune_far(embedder, checkpoint, far, folders, lfw_dir, impostor_pairs, bootstrap, seed, save, json_out, progress_factory)
+        lfw = None if folders is not None else lfw_for_eval(lfw_dir, fm)
+        return tune_far(embedder, checkpoint, far, folders, lfw, impostor_pairs, bootstrap, seed, save, json_out, progress_factory)
     lfw = lfw_for_eval(lfw_dir, fm)
     root = find_image_root(lfw)
     train_set = read_pairs(resolve_pairs_arg(pairs, lfw, "pairsDevTrain.txt"), root)

@@ -11,19 +11,17 @@ from typing import Optional
 
 from rich.table import Table
 
-from facecli.commands.common import lfw_for_eval
 from facecli.errors import UserError
 from facecli.ui import console, warn
 
 
-def _people(folders: Optional[Path], lfw_dir: Optional[Path]):
+def _people(folders: Optional[Path], lfw: Optional[Path]):
     from facecli.evaluation.operating_point import identity_images, lfw_people_images
     from facecli.evaluation.runner import lfw_pair_file
 
     if folders is not None:
         paths, labels, names = identity_images(folders)
         return paths, labels, f"identity folders {folders}"
-    lfw = lfw_for_eval(lfw_dir)
     people_file = lfw_pair_file(lfw, "peopleDevTest.txt")
     paths, labels, names = lfw_people_images(lfw, people_file)
     return paths, labels, f"LFW {people_file.name} people"
@@ -47,7 +45,7 @@ def _table(op, source: str) -> Table:
     return t
 
 
-def tune_far(embedder, checkpoint: Path, far: float, folders: Optional[Path], lfw_dir: Optional[Path], impostor_pairs: int,
+def tune_far(embedder, checkpoint: Path, far: float, folders: Optional[Path], lfw: Optional[Path], impostor_pairs: int,
              bootstrap: int, seed: int, save: bool, json_out: Optional[Path], progress) -> None:
     from facecli.engine.checkpoint import set_threshold
     from facecli.evaluation.operating_point import operating_point
@@ -55,7 +53,7 @@ def tune_far(embedder, checkpoint: Path, far: float, folders: Optional[Path], lf
 
     if impostor_pairs < 1 or bootstrap < 1:
         raise UserError("--impostor-pairs and --bootstrap must be positive.")
-    paths, labels, source = _people(folders, lfw_dir)
+    paths, labels, source = _people(folders, lfw)
     emb = embedder.paths(paths, progress("embedding people", len(paths)))
     if emb.bad:
         raise UserError(f"{len(emb.bad)} image(s) could not be decoded, e.g. {emb.bad[0]}.")
