@@ -46,6 +46,8 @@ BatchSize = Annotated[Optional[int], typer.Option("--batch-size", help="Images p
 Device = Annotated[Optional[str], typer.Option("--device", help=f"{DEVICE_HELP} (default: auto, the best available). ONNX models run on the CPU.")]
 Workers = Annotated[str, typer.Option("--workers", help=WORKERS_HELP)]
 Amp = Annotated[bool, typer.Option("--amp/--no-amp", help="Mixed precision on CUDA (as in training).")]
+Detector = Annotated[DetectorName, typer.Option("--detector", help=DETECTOR_HELP)]
+FaceCheck = Annotated[bool, typer.Option("--face-check/--no-face-check", help=FACE_CHECK_HELP)]
 JsonOut = Annotated[Optional[Path], typer.Option("--json", help="Write the figures to this JSON file (any picture goes beside it).")]
 
 

@@ -15,7 +15,7 @@ from rich.table import Table
 
 from rich.markup import escape
 
-from facecli.commands.common import (DETECTOR_HELP, FACE_CHECK_HELP, LANDMARKS_HELP, BatchSize, DetectorName, Device, Flip, Workers,
+from facecli.commands.common import (LANDMARKS_HELP, BatchSize, Detector, DetectorName, Device, FaceCheck, Flip, Workers,
                                      check_positive, detector_for, face_check_for, guarded, pick_device, progress_factory, worker_count)
 from facecli.errors import UserError
 from facecli.ui import console, warn
@@ -56,8 +56,8 @@ def gallery_build(
     people_dir: Path = typer.Argument(..., help="One folder per person (the folder name is the identity), several photos each."),
     out: Path = typer.Option(Path("gallery.npz"), "--out", help="Gallery file to write (.npz)."),
     detect: bool = typer.Option(False, "--detect", help="Raw photos: find the largest face of each and align it first."),
-    detector: DetectorName = typer.Option(DetectorName.hog, help=DETECTOR_HELP),
-    face_check: bool = typer.Option(True, "--face-check/--no-face-check", help=FACE_CHECK_HELP),
+    detector: Detector = DetectorName.hog,
+    face_check: FaceCheck = True,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file."),
     flip: Flip = True,
     batch_size: BatchSize = None,
@@ -160,9 +160,9 @@ def identify(
     model_path: Path = typer.Argument(..., metavar="MODEL", help=MODEL_HELP + " Must be the gallery's model."),
     photos: List[Path] = typer.Argument(..., help="Photos (or folders of photos) to identify."),
     detect: bool = typer.Option(False, "--detect", help="Raw photos: identify every face found (see --largest)."),
-    detector: DetectorName = typer.Option(DetectorName.hog, help=DETECTOR_HELP),
+    detector: Detector = DetectorName.hog,
     largest: bool = typer.Option(False, "--largest", help="With --detect: only the largest face of each photo."),
-    face_check: bool = typer.Option(True, "--face-check/--no-face-check", help=FACE_CHECK_HELP),
+    face_check: FaceCheck = True,
     top_k: int = typer.Option(5, "--top-k", min=1, help="How many identities to list per face."),
     threshold: Optional[float] = typer.Option(None, help="Similarity below which the answer is 'unknown' (default: calibrated on the gallery for --far)."),
     far: float = typer.Option(0.01, "--far", help="Without --threshold: the share of strangers allowed a name, calibrated leave-one-out on the gallery's photos."),
@@ -258,7 +258,7 @@ def align(
     dst: Path = typer.Argument(..., help="Where aligned 112x112 faces are written (same relative paths)."),
     landmarks: Optional[Path] = typer.Option(None, help=LANDMARKS_HELP),
     detect: bool = typer.Option(False, "--detect", help="Find the faces and their landmarks instead (crops NAME_faceK; DST/detections.csv lists them)."),
-    detector: DetectorName = typer.Option(DetectorName.hog, help=DETECTOR_HELP),
+    detector: Detector = DetectorName.hog,
     largest: bool = typer.Option(False, "--largest", help="With --detect: only the largest face of each photo, under the photo's own name."),
     size: int = typer.Option(112, help="Output size (the ArcFace template is scaled to it)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing files in DST (and, with --detect, the crops of the run that wrote DST/detections.csv)."),
