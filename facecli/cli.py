@@ -52,9 +52,9 @@ class _Commands(TyperGroup):
             self._listing = False
 
     def get_command(self, ctx, name: str):
-        if name in training.COMMANDS and name not in self.commands and self._listing:
-            return click.Command(name, help=training.COMMANDS[name][0].__doc__)
         if name in training.COMMANDS and name not in self.commands:
+            if self._listing:  # the command list needs only the one-line help
+                return click.Command(name, help=training.COMMANDS[name][0].__doc__)
             info = typer.models.CommandInfo(name, callback=training.build(name))
             self.add_command(typer.main.get_command_from_info(info, pretty_exceptions_short=True, rich_markup_mode=None), name)
         return super().get_command(ctx, name)
