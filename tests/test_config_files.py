@@ -33,7 +33,7 @@ def _train_params() -> dict:
 
     from facecli.cli import app
 
-    command = typer.main.get_command(app).commands["train"]
+    command = typer.main.get_command(app).get_command(None, "train")
     return {p.name: p for p in command.params}
 
 

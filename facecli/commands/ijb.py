@@ -1,6 +1,6 @@
 """IJB-B/IJB-C commands: ``eval-ijb`` (the published 1:1 protocol) and ``ijb-from-folders`` (a test set anyone can build).
 
-Registered on facecli's Typer app when :mod:`facecli.cli` imports this module.
+:func:`register` adds them to the app :mod:`facecli.cli` assembles.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Optional
 import numpy as np
 import typer
 
-from facecli.cli import WORKERS_HELP, _embedder, _progress_factory, app, guarded
+from facecli.commands.common import Amp, BatchSize, Device, JsonOut, Workers, embedder_for, guarded, progress_factory
 from facecli.errors import UserError
 from facecli.ui import console
 
@@ -35,22 +35,20 @@ def _save_features(path: Path, meta, raw) -> None:
     atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
-@app.command("eval-ijb")
-@guarded
 def eval_ijb(
     checkpoint: Path = typer.Argument(..., help="A facecli checkpoint (.pt)."),
     ijb_dir: Path = typer.Option(..., "--ijb-dir", help="insightface's IJB_release/IJBC (or IJBB) folder with loose_crop/ and meta/ (or IJB_release itself)."),
     target: IjbTarget = typer.Option(IjbTarget.IJBC, help="IJBC or IJBB (meta/ijbc_* or meta/ijbb_*)."),
     normalize_images: bool = typer.Option(False, "--normalize-images", help="L2-normalise each image's feature before pooling (not their default 'N1')."),
     detector_score: bool = typer.Option(True, "--detector-score/--no-detector-score", help="Weight each image by its detector score (their 'D1')."),
-    batch_size: Optional[int] = typer.Option(None, help="Embedding batch size (default: 2048 on GPU, 128 on CPU)."),
-    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda or cuda:N."),
-    workers: str = typer.Option("auto", help=WORKERS_HELP),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write TAR at each FAR and the AUC to this JSON file (the ROC picture goes beside it)."),
+    batch_size: BatchSize = None,
+    device: Device = None,
+    workers: Workers = "auto",
+    json_out: JsonOut = None,
     save_features: Optional[Path] = typer.Option(None, "--save-features", help="Write each image's flip-summed feature (unnormalised, unweighted) and name to this .npz."),
     cache: bool = typer.Option(True, "--cache/--no-cache", help="Keep image features in the cache (keyed by the weights) so a stopped run restarts where it was."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing --json / --save-features files."),
-    amp: bool = typer.Option(True, "--amp/--no-amp", help="Mixed precision on CUDA (as in training)."),
+    amp: Amp = True,
 ):
     """IJB-B/IJB-C 1:1 template verification as insightface's eval_ijbc.py: TAR at FAR 1e-6..1e-1, AUC."""
     from facecli.data.ijb import check_images, read_ijb_meta, resolve_ijb_dir
@@ -65,11 +63,11 @@ def eval_ijb(
     ijb_dir = resolve_ijb_dir(ijb_dir, target.value)
     meta = read_ijb_meta(ijb_dir, target.value)
     crops = check_images(ijb_dir, meta)
-    fm, embedder = _embedder(checkpoint, device, True, batch_size, workers, amp)
+    fm, embedder = embedder_for(checkpoint, device, True, batch_size, workers, amp)
     embedder.normalize = False
     key = cache_key(weights_fingerprint(fm.net.state_dict()), fm.preprocess.to_dict(), meta, crops)
     cache_file = default_cache_dir() / "ijb" / f"{key}.npz" if cache else None
-    advance = _progress_factory(f"embedding {target.value}", len(meta.image_names))
+    advance = progress_factory(f"embedding {target.value}", len(meta.image_names))
     report, raw = evaluate_ijb(embedder, meta, crops, cache_file, advance, normalize_images, detector_score)
     console.print(ijb_table(report))
     console.print(
@@ -88,8 +86,6 @@ def eval_ijb(
     console.print(f"Picture: {picture}", markup=False)
 
 
-@app.command("ijb-from-folders")
-@guarded
 def ijb_from_folders(
     src: Path = typer.Argument(..., help="Identity folders (e.g. a synth set's LFW folder, or LFW's people)."),
     out_dir: Path = typer.Argument(..., help="Where to write loose_crop/ and meta/ (must not hold them yet)."),
@@ -103,7 +99,7 @@ def ijb_from_folders(
     from facecli.data.ijb import identity_folders, build_ijb_from_folders
 
     people = identity_folders(src, max_identities)
-    advance = _progress_factory("writing crops", sum(len(files) for _, files in people))
+    advance = progress_factory("writing crops", sum(len(files) for _, files in people))
     s = build_ijb_from_folders(src, out_dir, target.value, seed, templates_per_identity, max_identities, max_impostors, advance)
     console.print(
         f"Wrote {s.images} images of {s.identities} people to {s.out_dir}: {s.face_rows} face rows, {s.templates} templates, "
@@ -111,3 +107,8 @@ def ijb_from_folders(
         markup=False,
     )
     console.print(f"Evaluate with: facecli eval-ijb CHECKPOINT --ijb-dir {str(out_dir)!r} --target {target.value}", markup=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("eval-ijb")(guarded(eval_ijb))
+    app.command("ijb-from-folders")(guarded(ijb_from_folders))

@@ -1,6 +1,6 @@
 """``tune-threshold --far``: an operating point at a target false-accept rate (the command's output half).
 
-Called by :func:`facecli.cli.tune_threshold_cmd`; the numbers come from
+Called by :func:`facecli.commands.evaluation.tune_threshold_cmd`; the numbers come from
 :mod:`facecli.evaluation.operating_point`.
 """
 

@@ -1,7 +1,6 @@
-"""Commands for raw photos and deployment: ``gallery build``, ``identify``, ``export``.
+"""Commands for raw photos and deployment: ``align``, ``gallery build``, ``identify``, ``export``.
 
-Registered on facecli's Typer app when :mod:`facecli.cli` imports this module; the
-``--detect`` options of ``embed`` and ``align`` come from here too (:func:`detector_for`).
+:func:`register` adds them to the app :mod:`facecli.cli` assembles.
 """
 
 from __future__ import annotations
@@ -16,13 +15,11 @@ from rich.table import Table
 
 from rich.markup import escape
 
-from facecli.cli import (BATCH_HELP, DETECTOR_HELP, DEVICE_HELP, FACE_CHECK_HELP, FLIP_HELP, DetectorName, _device, _positive,
-                         _progress_factory, app, guarded)
+from facecli.commands.common import (LANDMARKS_HELP, BatchSize, Detector, DetectorName, Device, FaceCheck, Flip, Workers,
+                                     check_positive, detector_for, face_check_for, guarded, pick_device, progress_factory, worker_count)
 from facecli.errors import UserError
 from facecli.ui import console, warn
 
-gallery_app = typer.Typer(help="Enrol people for 1:N identification (facecli identify).", no_args_is_help=True)
-app.add_typer(gallery_app, name="gallery")
 
 
 class Scoring(str, Enum):
@@ -31,32 +28,6 @@ class Scoring(str, Enum):
 
 
 MODEL_HELP = "A facecli checkpoint (.pt) or its ONNX export (.onnx)."
-
-
-def detector_for(detect: bool, name: DetectorName):
-    """The detector to use, or None without --detect (images are then face crops)."""
-    if not detect:
-        return None
-    from facecli.detect import make_detector
-
-    return make_detector(name.value)
-
-
-def face_check_for(detect: bool, check: bool, name: DetectorName):
-    """The detector that checks photos used as given for a face, or None.
-
-    None with --detect (the detector already decides) or --no-face-check; without the
-    detect extra it is None too, and one warning says that nothing checks for a face.
-    """
-    if detect or not check:
-        return None
-    from facecli.detect import detector_installed, make_detector
-
-    if not detector_installed(name.value):
-        warn("no face check: the detect extra is not installed, so every photo is taken as a face, even one without any; "
-             "install it (pip install 'facecli[detect]'), or pass --no-face-check to accept that.")
-        return None
-    return make_detector(name.value)
 
 
 def _warn_photos(found) -> None:
@@ -73,27 +44,25 @@ def align_detected(src: Path, dst: Path, detector, largest: bool, size: int, ove
     """``align --detect``: crops of every face found, and DST/detections.csv."""
     from facecli.faces import align_photos
 
-    done = align_photos(src, dst, detector, largest, size, _progress_factory, overwrite)
+    done = align_photos(src, dst, detector, largest, size, progress_factory, overwrite)
     _warn_photos(done.found)
     console.print(f"Aligned {len(done.written)} face(s) from {done.found.photos} photo(s) into {dst}; detections in {done.table}", markup=False)
     if done.found.problems:
         raise typer.Exit(1)
 
 
-@gallery_app.command("build")
-@guarded
 def gallery_build(
     model_path: Path = typer.Argument(..., metavar="MODEL", help=MODEL_HELP),
     people_dir: Path = typer.Argument(..., help="One folder per person (the folder name is the identity), several photos each."),
     out: Path = typer.Option(Path("gallery.npz"), "--out", help="Gallery file to write (.npz)."),
     detect: bool = typer.Option(False, "--detect", help="Raw photos: find the largest face of each and align it first."),
-    detector: DetectorName = typer.Option(DetectorName.hog, help=DETECTOR_HELP),
-    face_check: bool = typer.Option(True, "--face-check/--no-face-check", help=FACE_CHECK_HELP),
+    detector: Detector = DetectorName.hog,
+    face_check: FaceCheck = True,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file."),
-    flip: bool = typer.Option(True, "--flip/--no-flip", help=FLIP_HELP),
-    batch_size: Optional[int] = typer.Option(None, help=BATCH_HELP),
-    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
-    workers: int = typer.Option(0, min=0, help="Image-decoding worker processes (0: in this process)."),
+    flip: Flip = True,
+    batch_size: BatchSize = None,
+    device: Device = None,
+    workers: Workers = "0",
 ):
     """Enrol people: every template and each person's mean embedding, tied to the model that made them."""
     from facecli.evaluation.embed_files import check_output
@@ -101,16 +70,16 @@ def gallery_build(
     from facecli.gallery import build_gallery, calibrate, people_folders, save_gallery
     from facecli.models import load_model
 
-    _positive(batch_size, "--batch-size")
+    check_positive(batch_size, "--batch-size")
     check_output(out, overwrite)
     people, unread = people_folders(people_dir)
     det = detector_for(detect, detector)
     checker = face_check_for(detect, face_check, detector)
-    dev = _device(device)
+    dev = pick_device(device)
     runner = load_model(model_path, dev)
     files = [photo for _, photos in people for photo in photos]
     label_of = {photo: k for k, (_, photos) in enumerate(people) for photo in photos}
-    found = embed_photos(runner, files, det, True, dev, flip, batch_size, workers, _progress_factory, checker)
+    found = embed_photos(runner, files, det, True, dev, flip, batch_size, worker_count(workers), progress_factory, checker)
     found.problems = unread + found.problems
     _warn_photos(found)
     if not found.records:
@@ -186,25 +155,23 @@ def _all_failed(found, detected: bool) -> None:
     raise UserError(f"No face found in the {found.photos} photo(s).", hint=hint)
 
 
-@app.command()
-@guarded
 def identify(
     gallery_path: Path = typer.Argument(..., metavar="GALLERY", help="A gallery from `facecli gallery build` (.npz)."),
     model_path: Path = typer.Argument(..., metavar="MODEL", help=MODEL_HELP + " Must be the gallery's model."),
     photos: List[Path] = typer.Argument(..., help="Photos (or folders of photos) to identify."),
     detect: bool = typer.Option(False, "--detect", help="Raw photos: identify every face found (see --largest)."),
-    detector: DetectorName = typer.Option(DetectorName.hog, help=DETECTOR_HELP),
+    detector: Detector = DetectorName.hog,
     largest: bool = typer.Option(False, "--largest", help="With --detect: only the largest face of each photo."),
-    face_check: bool = typer.Option(True, "--face-check/--no-face-check", help=FACE_CHECK_HELP),
+    face_check: FaceCheck = True,
     top_k: int = typer.Option(5, "--top-k", min=1, help="How many identities to list per face."),
     threshold: Optional[float] = typer.Option(None, help="Similarity below which the answer is 'unknown' (default: calibrated on the gallery for --far)."),
     far: float = typer.Option(0.01, "--far", help="Without --threshold: the share of strangers allowed a name, calibrated leave-one-out on the gallery's photos."),
     by: Scoring = typer.Option(Scoring.mean, help="Score a person by their mean template or their best template."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
-    flip: bool = typer.Option(True, "--flip/--no-flip", help=FLIP_HELP),
-    batch_size: Optional[int] = typer.Option(None, help=BATCH_HELP),
-    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
-    workers: int = typer.Option(0, min=0, help="Image-decoding worker processes (0: in this process)."),
+    flip: Flip = True,
+    batch_size: BatchSize = None,
+    device: Device = None,
+    workers: Workers = "0",
 ):
     """Who is this? "No face" first, then the top-k enrolled people for each face, or "unknown" below the open-set threshold."""
     from facecli.data.files import collect_images
@@ -213,10 +180,10 @@ def identify(
     from facecli.gallery import load_gallery
     from facecli.models import load_model
 
-    _positive(batch_size, "--batch-size")
+    check_positive(batch_size, "--batch-size")
     gallery = load_gallery(gallery_path)
     det = detector_for(detect, detector)
-    dev = _device(device)
+    dev = pick_device(device)
     runner = load_model(model_path, dev)
     check_model(gallery, runner.identity, gallery_path, model_path)
     point = operating_point(threshold, gallery, runner, by.value, far)
@@ -225,7 +192,7 @@ def identify(
         warn(mismatch)
     checker = face_check_for(detect, face_check, detector)
     files, _, missing = collect_images(photos)
-    found = embed_photos(runner, files, det, largest, dev, flip, batch_size, workers, _progress_factory, checker)
+    found = embed_photos(runner, files, det, largest, dev, flip, batch_size, worker_count(workers), progress_factory, checker)
     found.problems = missing + found.problems
     if not found.records:
         _all_failed(found, detect)
@@ -263,8 +230,6 @@ def _check_images(paths: List[Path], preprocess) -> tuple[object, str, list[str]
     return torch.stack(images), f"{len(images)} image(s) from {', '.join(map(str, paths))}", skipped
 
 
-@app.command()
-@guarded
 def export(
     checkpoint: Path = typer.Argument(..., help="A facecli checkpoint (.pt)."),
     out: Path = typer.Argument(..., help="The ONNX file to write (.onnx)."),
@@ -286,3 +251,40 @@ def export(
         f"{report.max_difference:.2e} (limit {TOLERANCE:g}).",
         markup=False,
     )
+
+
+def align(
+    src: Path = typer.Argument(..., help="An image or a folder of raw photos."),
+    dst: Path = typer.Argument(..., help="Where aligned 112x112 faces are written (same relative paths)."),
+    landmarks: Optional[Path] = typer.Option(None, help=LANDMARKS_HELP),
+    detect: bool = typer.Option(False, "--detect", help="Find the faces and their landmarks instead (crops NAME_faceK; DST/detections.csv lists them)."),
+    detector: Detector = DetectorName.hog,
+    largest: bool = typer.Option(False, "--largest", help="With --detect: only the largest face of each photo, under the photo's own name."),
+    size: int = typer.Option(112, help="Output size (the ArcFace template is scaled to it)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing files in DST (and, with --detect, the crops of the run that wrote DST/detections.csv)."),
+):
+    """Warp photos to the standard ArcFace 112x112 template from 5-point landmarks (given, or found with --detect)."""
+    from facecli.align import align_folder
+
+    if (landmarks is None) == (not detect):
+        raise UserError("Give either --landmarks FILE or --detect.", hint="--detect finds faces and landmarks itself.")
+    if detect:
+        return align_detected(src, dst, detector_for(detect, detector), largest, size, overwrite)
+    summary = align_folder(src, dst, landmarks, size=size, overwrite=overwrite)
+    console.print(f"Aligned {len(summary.written)} image(s) into {dst}", markup=False)
+    if summary.skipped:
+        warn(f"{len(summary.skipped)} image(s) had no landmarks and were skipped, e.g. {summary.skipped[0]}.")
+    if summary.missing:
+        warn(f"{len(summary.missing)} landmarks entr(y/ies) name no file, e.g. {summary.missing[0]}.")
+    if summary.unreadable:
+        warn(f"{len(summary.unreadable)} image(s) could not be read, e.g. {summary.unreadable[0][0]}: {summary.unreadable[0][1]}")
+        raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("align")(guarded(align))
+    gallery = typer.Typer(help="Enrol people for 1:N identification (facecli identify).", no_args_is_help=True)
+    gallery.command("build")(guarded(gallery_build))
+    app.add_typer(gallery, name="gallery")
+    app.command("identify")(guarded(identify))
+    app.command("export")(guarded(export))

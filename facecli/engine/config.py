@@ -2,7 +2,7 @@
 
 Each field of :class:`TrainConfig` names a setting with its type, default, range or choices
 and help text. The ``train``, ``resume`` and ``demo`` flags are derived from these fields
-(``facecli.cli_config``), config files use the field names as keys, and every run writes
+(``facecli.commands.flags``), config files use the field names as keys, and every run writes
 its resolved configuration to ``config.yaml`` so that ``facecli train --config`` starts it
 again. The loss's own hyper-parameters (``scale``, ``margin``, ...) are declared by the
 loss classes (:class:`facecli.losses.HParam`) and stored here as extra keys.

@@ -1,25 +1,22 @@
-"""Command-line options derived from :class:`TrainConfig` and the loss registry.
+"""Command-line flags derived from :class:`TrainConfig` and the loss registry.
 
-No setting is written out here: each flag's name, type, help, default and choices come
-from the field that defines the setting (or from the :class:`facecli.losses.HParam` a loss
-declares), so a field added to ``TrainConfig`` is a flag of ``train`` with no second list
-to edit. Flags default to None ("not given"), so a config file's value survives unless
-the flag is written; the help text shows the setting's real default.
-
-Typer builds a command's options from its callback's signature. :class:`DerivedCommand`
-computes that signature when the command is built, after plugins have registered their
-losses and backbones, so a user's own head brings its own flags.
+How a TrainConfig field becomes a flag: :func:`config_options` turns each field into one
+``inspect.Parameter`` (:func:`_field_option`: the name ``--field-name``, the type, help and
+choices from the field; a bool becomes ``--x/--no-x``), and each hyper-parameter a registered
+loss declares into one more (:func:`loss_options`). A command's parameter builder
+(:mod:`facecli.commands.training`) adds its fixed arguments; :func:`derived_command` fixes that
+list as the callback's signature, once, and Typer reads flags from it like any signature.
+So a field added to ``TrainConfig`` is a flag of ``train`` with no second list to edit.
+Flags default to None ("not given"), so a config file's value survives unless the flag is
+written; the help text shows the setting's real default.
 """
 
 from __future__ import annotations
 
 import enum
 import inspect
-import os
 import types
 import typing
-from importlib import import_module
-from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Callable, List, Optional
 
@@ -28,89 +25,17 @@ import typer
 from facecli.engine.config import TrainConfig, choices, flag_name, with_absolute_paths
 from facecli.errors import UserError
 
-PLUGIN_GROUP = "facecli.plugins"
-PLUGIN_ENV = "FACECLI_PLUGINS"
-_loaded: set[str] = set()
 
+def derived_command(body: Callable, parameters: list[inspect.Parameter]) -> Callable:
+    """``body(**kw)`` as a Typer callback whose signature is ``parameters``: computed by the caller once, assigned once here."""
 
-_failures: dict[tuple[str, ...], UserError] = {}  # plugin list -> the error it gave
+    def command(**kwargs):
+        return body(**kwargs)
 
-
-def load_plugins() -> None:
-    """Import plugin modules (entry points in ``facecli.plugins``, or ``FACECLI_PLUGINS=mod1,mod2``):
-    importing one registers its losses and backbones.
-
-    A plugin that cannot be imported, raises, or calls ``sys.exit`` while being imported is
-    one UserError naming it (remembered: every later call raises the same error without
-    importing it again).
-    """
-    names = [ep.value for ep in entry_points(group=PLUGIN_GROUP)]
-    names += [n.strip() for n in os.environ.get(PLUGIN_ENV, "").split(",") if n.strip()]
-    if tuple(names) in _failures:
-        raise _failures[tuple(names)]
-    for name in names:
-        if name in _loaded:
-            continue
-        try:
-            _import_plugin(name.split(":")[0])
-        except UserError as e:
-            _failures[tuple(names)] = e
-            raise
-        _loaded.add(name)
-
-
-def _import_plugin(module: str) -> None:
-    where = f"Plugin module {module!r} (from {PLUGIN_ENV} or the {PLUGIN_GROUP} entry points)"
-    try:
-        import_module(module)
-    except ImportError as e:
-        raise UserError(f"{where} cannot be imported: {e}.") from e
-    except SyntaxError as e:
-        raise UserError(f"{where} has a syntax error: {e.filename}, line {e.lineno}: {e.msg}.") from e
-    except UserError as e:  # e.g. a registration facecli refuses
-        raise UserError(f"{where}: {e}") from e
-    except SystemExit as e:
-        raise UserError(f"{where} called sys.exit({e.code!r}) while being imported; a plugin must only register its losses and backbones.") from None
-    except Exception as e:
-        raise UserError(f"{where} failed while being imported: {_plugin_line(e)}{type(e).__name__}: {e}.") from e
-
-
-def _plugin_line(e: BaseException) -> str:
-    """``file.py, line N: `` of the plugin's own frame that raised (the last one in its traceback)."""
-    import traceback
-
-    frames = traceback.extract_tb(e.__traceback__)
-    return f"{frames[-1].filename}, line {frames[-1].lineno}: " if frames else ""
-
-
-def plugins_for_parameters() -> None:
-    """Load plugins while Typer builds the commands; a failure is reported by the command
-    group before any command (or ``--help``) runs, so here it is only left out."""
-    try:
-        load_plugins()
-    except UserError:
-        pass
-
-
-class DerivedCommand:
-    """A Typer callback whose parameters are computed when the command is built."""
-
-    def __init__(self, body: Callable, parameters: Callable[[], list[inspect.Parameter]]):
-        self.body, self.parameters = body, parameters
-        self.__name__ = body.__name__
-        self.__doc__ = body.__doc__
-        self.__wrapped_body__ = body
-
-    @property
-    def __signature__(self) -> inspect.Signature:
-        return inspect.Signature(self.parameters())
-
-    @property
-    def __annotations__(self) -> dict:  # typer reads type hints through typing.get_type_hints
-        return {p.name: p.annotation for p in self.__signature__.parameters.values()}
-
-    def __call__(self, **kwargs):
-        return self.body(**kwargs)
+    command.__name__, command.__qualname__, command.__doc__ = body.__name__, body.__name__, body.__doc__
+    command.__signature__ = inspect.Signature(parameters)
+    command.__annotations__ = {p.name: p.annotation for p in parameters}  # Typer reads types through get_type_hints
+    return command
 
 
 def _unwrap_optional(annotation) -> tuple[Any, ...]:
@@ -128,10 +53,10 @@ def _field_option(name: str, field, default: Any) -> inspect.Parameter:
     help_text = field.description if default is None else f"{field.description} [default: {_show(default)}]"
     if kinds == (bool,):
         opt = typer.Option(None, f"{flag}/--no-{flag[2:]}", help=help_text, show_default=False)
-        return _param(name, Optional[bool], opt)
+        return param(name, Optional[bool], opt)
     if typing.get_origin(kinds[0]) is list and not extra.get("csv"):
         opt = typer.Option(None, flag, help=help_text.replace("[default: []]", ""), show_default=False)
-        return _param(name, Optional[List[str]], opt)
+        return param(name, Optional[List[str]], opt)
     kwargs: dict[str, Any] = {"help": help_text, "show_default": False}
     annotation: Any = Optional[str]
     if extra.get("choices"):
@@ -140,7 +65,7 @@ def _field_option(name: str, field, default: Any) -> inspect.Parameter:
         annotation = Optional[int]
     elif kinds == (float,):
         annotation = Optional[float]
-    return _param(name, annotation, typer.Option(None, flag, **kwargs))
+    return param(name, annotation, typer.Option(None, flag, **kwargs))
 
 
 def choice_type(name: str, values: list[str]) -> type[enum.Enum]:
@@ -148,7 +73,7 @@ def choice_type(name: str, values: list[str]) -> type[enum.Enum]:
     return enum.Enum(name.title().replace("_", ""), {v: v for v in values}, type=str)
 
 
-def _param(name: str, annotation, default) -> inspect.Parameter:
+def param(name: str, annotation, default) -> inspect.Parameter:
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
 
 
@@ -170,7 +95,7 @@ def loss_options() -> list[inspect.Parameter]:
     for key, owners in by_key.items():
         defaults = ", ".join(f"{n} {h.default:g}" for n, h in owners)
         help_text = f"{owners[0][1].help} (default: {defaults})."
-        params.append(_param(key, Optional[float], typer.Option(None, "--" + key.replace("_", "-"), help=help_text, show_default=False)))
+        params.append(param(key, Optional[float], typer.Option(None, "--" + key.replace("_", "-"), help=help_text, show_default=False)))
     return params
 
 
