@@ -90,16 +90,20 @@ def _save(plt, fig, path: Path) -> Path:
 
 
 def save_roc(report, path: Path, title: str = "ROC") -> Path:
+    return _save_log_roc(report.roc[0], report.roc[1], 1e-4, f"{title}: AUC {report.auc:.4f}, EER {100 * report.eer:.2f}%", path)
+
+
+def _save_log_roc(fpr: np.ndarray, tpr: np.ndarray, lowest_far: float, title: str, path: Path) -> Path:
+    """An ROC on a log-FAR axis from ``lowest_far`` to 1 (FARs below it drawn at its edge)."""
     plt = _plt()
-    fpr, tpr = report.roc[0], report.roc[1]
     fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
-    ax.plot(np.clip(fpr, 1e-5, 1), tpr, lw=1.5)
+    ax.plot(np.clip(fpr, lowest_far / 10, 1), tpr, lw=1.5)
     ax.set_xscale("log")
-    ax.set_xlim(1e-4, 1)
+    ax.set_xlim(lowest_far, 1)
     ax.set_ylim(0, 1.01)
     ax.set_xlabel("false accept rate")
     ax.set_ylabel("true accept rate")
-    ax.set_title(f"{title}: AUC {report.auc:.4f}, EER {100 * report.eer:.2f}%")
+    ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     return _save(plt, fig, path)
 
@@ -120,17 +124,7 @@ def ijb_table(report) -> Table:
 
 def save_ijb_roc(fpr: np.ndarray, tpr: np.ndarray, auc: float, path: Path, title: str) -> Path:
     """The IJB ROC on a log-FAR axis from 1e-6, as the IJB papers draw it."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
-    ax.plot(np.clip(fpr, 1e-6, 1), tpr, lw=1.5)
-    ax.set_xscale("log")
-    ax.set_xlim(1e-6, 1)
-    ax.set_ylim(0, 1.01)
-    ax.set_xlabel("false accept rate")
-    ax.set_ylabel("true accept rate")
-    ax.set_title(f"{title}: AUC {auc:.4f}")
-    ax.grid(True, which="both", alpha=0.3)
-    return _save(plt, fig, path)
+    return _save_log_roc(fpr, tpr, 1e-6, f"{title}: AUC {auc:.4f}", path)
 
 
 def save_histogram(scores: np.ndarray, issame: np.ndarray, path: Path, threshold: float | None = None, title: str = "Scores") -> Path:
