@@ -170,6 +170,8 @@ class TrainConfig(BaseModel):
             value = extra.get(h.option)
             if value is None:
                 extra[h.option] = h.default
+            elif h.switch and isinstance(value, bool):
+                extra[h.option] = float(value)
             elif not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise _FieldError(h.option, "must be a number", got=value)
             elif (problem := h.range_problem(float(value))) is not None:

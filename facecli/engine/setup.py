@@ -156,8 +156,9 @@ def wrap_for_ddp(parts: RunParts, world, device: torch.device, sync_bn: bool) ->
         parts.model.net = DDP(convert(parts.net), device_ids=ids)
         parts.model.net.register_comm_hook(None, dist_utils.allreduce_sum_hook)
         return parts.model
-    if parts.head.needs_global_target_cosines:
-        parts.head.follow_global_batch(dist_utils.mean_over_ranks)
+    if parts.head.batch_statistics:
+        parts.head.follow_global_batch(dist_utils.sum_over_ranks)
+    parts.head.set_process_rank(world.rank)
     parts.model = convert(parts.model)
     return DDP(parts.model, device_ids=ids)
 
