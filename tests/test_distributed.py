@@ -246,6 +246,20 @@ def test_sharded_head_under_torchrun(synth_root, synth_lfw_dir, tmp_path):
     assert "ccuracy" in result.output
 
 
+def test_sharded_adaface_under_torchrun_equals_one_process(synth_root, tmp_path):
+    """A head that reads the norms trains through the CLI with --sharded-head: the step, and
+    AdaFace's running statistics, are those of the one-process run on the global batch."""
+    from conftest import cli
+
+    result = cli("train", "adaface", *_tiny(synth_root, tmp_path, "single", 72, 1))
+    assert result.exit_code == 0, result.output
+    _torchrun("-m", "facecli", "train", "adaface", "--sharded-head", *_tiny(synth_root, tmp_path, "sharded", 36, 1))
+    sharded = _load(tmp_path / "adaface" / "sharded" / "latest.pt")
+    single = _load(tmp_path / "adaface" / "single" / "latest.pt")
+    _assert_same_training_state(sharded, single)
+    assert sharded["world_size"] == 2 and float(sharded["head_state"]["batch_mean"]) != 20.0
+
+
 # --------------------------------------------------------------------------- workers
 
 
