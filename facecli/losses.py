@@ -121,7 +121,7 @@ class HParam:
         """What is wrong with ``number`` (e.g. "must be in [0, 1]; got margin 1.5. The default is 0.5."),
         or None: the one wording of a range error, for the API and for flags and config files."""
         if self.switch and number not in (0.0, 1.0):
-            return f"must be on or off (1 or 0); got {self.name} {number:g}. {self.advice()}"
+            return f"must be on or off (true/false, 1/0); got {number:g}. {self.advice()}"
         low_bad = self.low is not None and (number <= self.low if self.low_open else number < self.low)
         high_bad = self.high is not None and (number >= self.high if self.high_open else number > self.high)
         if not (low_bad or high_bad):
@@ -129,7 +129,8 @@ class HParam:
         return f"must be {self.rule()}; got {self.name} {number:g}. {self.advice()}"
 
     def advice(self) -> str:
-        return f"The default is {self.default:g}." + (f" {self.hint}" if self.hint else "")
+        default = ("on" if self.default else "off") if self.switch else f"{self.default:g}"
+        return f"The default is {default}." + (f" {self.hint}" if self.hint else "")
 
 
 def _fmt(x: float) -> str:

@@ -192,3 +192,12 @@ def test_elasticface_eval_uses_the_mean_margin():
     x[2] = x[2] * 0.9 + 0.5
     a, b = head(x, y), arc(x, y)
     torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+
+
+def test_elastic_sort_is_an_on_off_setting():
+    from facecli.engine.config import TrainConfig
+
+    assert TrainConfig(model="elasticface", elastic_sort=True).loss_hparams()["sort"] == 1.0
+    assert TrainConfig(model="elasticface").loss_hparams() == {"scale": 64.0, "margin": 0.5, "margin_std": 0.05, "sort": 0.0}
+    with pytest.raises(UserError, match="elastic-sort must be on or off .* The default is off"):
+        TrainConfig(model="elasticface", elastic_sort=0.5)
