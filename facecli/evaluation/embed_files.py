@@ -100,7 +100,8 @@ def embed_files(
     emb = model.embed_dataset(_Files(files, keys, model.preprocess, landmarks), device, flip, batch_size, workers, advance)
     problems = problems + emb.bad
     ok = emb.ok
-    return EmbedResult([f for f, good in zip(files, ok) if good], emb.vectors[ok].astype(np.float32), problems, emb.forward_passes)
+    return EmbedResult([f for f, good in zip(files, ok) if good], emb.vectors[ok].astype(np.float32), problems, emb.forward_passes,
+                       columns={"quality": emb.quality[ok]})
 
 
 def _embeddings_bytes(result: EmbedResult, suffix: str) -> bytes:
@@ -150,7 +151,7 @@ def embed_detected(model, paths, device, flip, batch_size, workers, detector, la
         warn(no_face_note(found))
     if not found.records:
         raise UserError(f"No face found in any of the {found.photos} photo(s).", hint="Try --detector mmod (turned or small faces), or give face crops without --detect.")
-    return EmbedResult([r.source for r in found.records], found.embeddings, problems + found.problems, columns=found.columns())
+    return EmbedResult([r.source for r in found.records], found.embeddings, problems + found.problems, columns={**found.columns(), "quality": found.quality})
 
 
 def embed_checked(model, paths, device, flip, batch_size, workers, checker, progress) -> EmbedResult:
@@ -162,7 +163,7 @@ def embed_checked(model, paths, device, flip, batch_size, workers, checker, prog
     if found.no_face:
         raise UserError(no_face_note(found).capitalize() + "; same/different is not decided.",
                         hint="Give photos of faces (or --no-face-check to compare them anyway).")
-    return EmbedResult([r.source for r in found.records], found.embeddings, problems + found.problems)
+    return EmbedResult([r.source for r in found.records], found.embeddings, problems + found.problems, columns={"quality": found.quality})
 
 
 def check_output(out: Path, overwrite: bool) -> Path:

@@ -1,0 +1,83 @@
+"""The quality score (the feature norm before L2 normalisation): in embed's outputs, the
+--min-quality decision rule, and the error-versus-reject curve (PNG + JSON)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import cli
+from facecli.data.folders import ImageFiles
+from facecli.data.images import normalize_batch
+from facecli.evaluation.quality import LOW_QUALITY, error_reject_curve, pair_quality, verdict, write_erc
+from facecli.models import load_model
+
+
+def _images(synth_root, n=3):
+    return sorted((synth_root / "CASIA-webface").rglob("*.jpg"))[:n]
+
+
+def test_embed_writes_each_face_s_norm_before_normalisation_as_quality(synth_root, trained_checkpoint, tmp_path):
+    files = _images(synth_root)
+    out = tmp_path / "e.npz"
+    result = cli("embed", trained_checkpoint, *files, "--out", out, "--no-flip", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    data = np.load(out)
+    model = load_model(trained_checkpoint)
+    with torch.no_grad():
+        pixels = torch.stack([ImageFiles(files, model.preprocess)[i][0] for i in range(len(files))])
+        raw = model.net.eval()(normalize_batch(pixels, model.preprocess))
+    assert data["quality"].shape == (len(files),) and data["quality"].dtype == np.float32
+    np.testing.assert_allclose(data["quality"], raw.norm(dim=1).numpy(), rtol=1e-5)
+    np.testing.assert_allclose(data["embeddings"], torch.nn.functional.normalize(raw, dim=1).numpy(), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(data["quality"], 1.0)
+
+    # With flip the score is the norm of the mean of f(x) and f(flip x); the CSV has the column too.
+    out_csv = tmp_path / "e.csv"
+    assert cli("embed", trained_checkpoint, *files, "--out", out_csv, "--device", "cpu").exit_code == 0
+    with torch.no_grad():
+        x = normalize_batch(pixels, model.preprocess)
+        both = (model.net(x) + model.net(x.flip(3))) / 2
+    rows = list(csv.DictReader(out_csv.open()))
+    np.testing.assert_allclose([float(r["quality"]) for r in rows], both.norm(dim=1).numpy(), rtol=1e-5)
+
+
+def test_verdict_takes_no_decision_below_the_minimum_quality():
+    assert verdict(0.8, 0.5, [30.0, 25.0]) == "same"
+    assert verdict(0.2, 0.5, [30.0, 25.0], min_quality=20.0) == "different"
+    assert verdict(0.8, 0.5, [30.0, 19.9], min_quality=20.0) == LOW_QUALITY
+    assert verdict(0.8, 0.5, [float("nan"), 25.0], min_quality=20.0) == LOW_QUALITY
+    assert verdict(0.8, 0.5, [20.0, 20.0], min_quality=20.0) == "same"  # at the minimum: decided
+
+
+def test_error_reject_curve_by_hand(tmp_path):
+    # 2000 impostors in [-0.5, 0.3): FAR 1e-3 lets the top 2 through -> threshold just above the 3rd highest.
+    rng = np.random.default_rng(0)
+    impostor = np.sort(rng.uniform(-0.5, 0.3, 2000))
+    # 10 genuine pairs: the 4 of lowest quality score below every impostor (misses), the rest match.
+    genuine = np.array([0.1, -0.2, 0.0, 0.2, 0.9, 0.8, 0.95, 0.7, 0.85, 0.9])
+    scores = np.r_[genuine, impostor]
+    issame = np.r_[np.ones(10, bool), np.zeros(2000, bool)]
+    quality = np.r_[np.array([1.0, 2.0, 3.0, 4.0, 50, 60, 70, 80, 90, 95]), rng.uniform(5, 100, 2000)]
+    curve = error_reject_curve(scores, issame, quality, far=1e-3)
+    assert curve.threshold == pytest.approx(np.nextafter(impostor[-3], np.inf))
+    assert np.mean(impostor >= curve.threshold) <= 1e-3
+    assert curve.reject[0] == 0.0 and curve.reject[-1] == 0.5 and len(curve.reject) == 51
+    assert curve.fnmr[0] == pytest.approx(0.4)  # 4 misses of 10 genuine pairs
+    # Rejecting the 0.2% lowest-quality pairs (4 of 2010: exactly the 4 misses) leaves no miss.
+    at = curve.reject.index(min(curve.reject, key=lambda r: abs(r - 0.01)))
+    assert curve.fnmr[at] == 0.0 and curve.genuine_kept[at] == 6
+    assert curve.fnmr_at(0.5) == 0.0 and curve.genuine_pairs == 10 and curve.impostor_pairs == 2000
+
+    png, js = write_erc(curve, tmp_path / "erc.png", tmp_path / "erc.json")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads(js.read_text())["fnmr"] == curve.fnmr
+
+
+def test_a_pair_is_as_good_as_its_worse_face():
+    q = np.array([5.0, 1.0, 9.0])
+    np.testing.assert_array_equal(pair_quality(q, np.array([0, 2]), np.array([1, 0])), [1.0, 5.0])
