@@ -49,7 +49,7 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="allow", validate_assignment=False, allow_inf_nan=False)
 
-    model: str = setting(..., "Loss: sphereface, cosface, arcface, curricularface or facenet (and registered plugins).", choices="losses")
+    model: str = setting(..., "Loss: sphereface, cosface, arcface, curricularface, adaface, magface, elasticface or facenet (and registered plugins).", choices="losses")
     # data
     train_dir: str | None = setting(None, "Folder of identity folders, or of train.rec/train.idx (default: under the dataset root).", resume=True)
     identities_file: str | None = setting(None, "Train only on the identities listed in this file (e.g. LFW's peopleDevTrain.txt).", flag="identities")
