@@ -201,3 +201,14 @@ def test_elastic_sort_is_an_on_off_setting():
     assert TrainConfig(model="elasticface").loss_hparams() == {"scale": 64.0, "margin": 0.5, "margin_std": 0.05, "sort": 0.0}
     with pytest.raises(UserError, match="elastic-sort must be on or off .* The default is off"):
         TrainConfig(model="elasticface", elastic_sort=0.5)
+
+
+def test_elasticface_processes_draw_their_own_margins_under_ddp():
+    """Replicated under DDP, each process must not draw the same margins as the others."""
+    torch.manual_seed(3)
+    ranks = [build_loss("elasticface", D, C) for _ in range(2)]
+    ranks[1].set_process_rank(1)
+    a, b = (r.draw_margins(16) for r in ranks)
+    assert not torch.allclose(a, b)
+    again = build_loss("elasticface", D, C)  # same seed and rank: the same draws (resume)
+    torch.testing.assert_close(again.draw_margins(16), a, rtol=0, atol=0)
