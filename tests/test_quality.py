@@ -81,3 +81,18 @@ def test_error_reject_curve_by_hand(tmp_path):
 def test_a_pair_is_as_good_as_its_worse_face():
     q = np.array([5.0, 1.0, 9.0])
     np.testing.assert_array_equal(pair_quality(q, np.array([0, 2]), np.array([1, 0])), [1.0, 5.0])
+
+
+def test_lfw_view2_evaluation_carries_pair_qualities_for_the_curve(synth_lfw_dir, trained_checkpoint, tmp_path):
+    from facecli.evaluation.embedding import Embedder
+    from facecli.evaluation.quality import erc_of
+    from facecli.evaluation.runner import evaluate_lfw_view2
+
+    model = load_model(trained_checkpoint)
+    ev = evaluate_lfw_view2(Embedder(model.net, model.preprocess, torch.device("cpu")), synth_lfw_dir)
+    assert ev.pair_quality.shape == ev.scores.shape and np.isfinite(ev.pair_quality).all() and ev.pair_quality.min() > 0
+    curve = erc_of(ev)
+    assert curve.pairs == len(ev.scores) and curve.genuine_pairs == int(ev.issame.sum())
+    assert curve.fnmr[0] == pytest.approx(np.mean(ev.scores[ev.issame] < curve.threshold))
+    png, js = write_erc(curve, tmp_path / "lfw_erc.png", tmp_path / "lfw_erc.json")
+    assert png.stat().st_size > 0 and json.loads(js.read_text())["pairs"] == len(ev.scores)

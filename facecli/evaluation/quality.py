@@ -83,6 +83,14 @@ def error_reject_curve(scores: np.ndarray, issame: np.ndarray, quality: np.ndarr
     return ErrorRejectCurve(far, float(t), [float(r) for r in reject], fnmr, kept, int(len(scores)), int(issame.sum()), int((~issame).sum()))
 
 
+def erc_of(evaluation, far: float = 1e-3) -> ErrorRejectCurve:
+    """The error-versus-reject curve of an evaluated pair set (``runner.PairEvaluation``, e.g.
+    LFW View 2 from ``evaluate_lfw_view2``): what ``eval-lfw --erc`` draws."""
+    if evaluation.pair_quality is None:
+        raise ValueError("this evaluation carries no pair qualities")
+    return error_reject_curve(evaluation.scores, evaluation.issame, evaluation.pair_quality, far=far)
+
+
 def write_erc(curve: ErrorRejectCurve, png: Path, json_path: Path, title: str = "Error versus reject") -> tuple[Path, Path]:
     """The curve as a PNG and as JSON, each written to a temporary name and renamed."""
     from facecli.evaluation.reports import _plt
