@@ -96,3 +96,31 @@ def test_lfw_view2_evaluation_carries_pair_qualities_for_the_curve(synth_lfw_dir
     assert curve.fnmr[0] == pytest.approx(np.mean(ev.scores[ev.issame] < curve.threshold))
     png, js = write_erc(curve, tmp_path / "lfw_erc.png", tmp_path / "lfw_erc.json")
     assert png.stat().st_size > 0 and json.loads(js.read_text())["pairs"] == len(ev.scores)
+
+
+def test_compare_shows_quality_and_takes_no_decision_below_min_quality(synth_root, trained_checkpoint, tmp_path, capsys):
+    from facecli.engine.checkpoint import load_checkpoint, save_checkpoint
+    from facecli.errors import UserError
+    from facecli.evaluation.embed_files import run_embed
+    from facecli.evaluation.quality import quality_problem
+
+    ckpt = load_checkpoint(trained_checkpoint)
+    ckpt["threshold"] = -1.0  # any two faces are "same" at this threshold, unless a quality gate stops it
+    path = tmp_path / "t.pt"
+    save_checkpoint(ckpt, path)
+    files = _images(synth_root, 2)
+    args = (path, files, None, True, None, True, None, "cpu", 0, None)
+    assert run_embed(*args) == 0
+    plain = capsys.readouterr().out
+    assert "quality: " in plain and "same (threshold -1.0000)" in plain
+    q = [float(v) for v in plain.split("quality: ")[1].splitlines()[0].split(",")]
+    run_embed(*args, min_quality=min(q) + 0.01)  # printed to 2 decimals
+    assert "low quality (threshold -1.0000, min quality" in capsys.readouterr().out
+    run_embed(*args, min_quality=min(q) - 0.01)
+    assert "same (threshold" in capsys.readouterr().out
+
+    assert quality_problem("facenet") and quality_problem("magface") is None and quality_problem("arcface") is None
+    ckpt["model"] = "facenet"
+    save_checkpoint(ckpt, path)
+    with pytest.raises(UserError, match="no quality score"):
+        run_embed(*args, min_quality=1.0)

@@ -176,7 +176,7 @@ def check_output(out: Path, overwrite: bool) -> Path:
 
 
 def run_embed(checkpoint, paths, out, compare, landmarks, flip, batch_size, device, workers, progress, detector=None, largest=False,
-              checker=None, overwrite: bool = False) -> int:
+              checker=None, overwrite: bool = False, min_quality: float | None = None) -> int:
     """The ``embed`` command's work; returns the exit status (1 if any image was unreadable).
 
     ``checkpoint`` may be a ``.pt`` checkpoint or a facecli ``.onnx`` export; with a
@@ -198,15 +198,17 @@ def run_embed(checkpoint, paths, out, compare, landmarks, flip, batch_size, devi
     for problem in result.problems:
         warn(f"skipped {problem}")
     if compare:
-        compare_two(result, model, checkpoint)
+        compare_two(result, model, checkpoint, min_quality)
     else:
         write_embeddings(result, target)
         console.print(f"Wrote {len(result.paths)} embeddings ({result.embeddings.shape[1]}-d) to {target}", markup=False)
     return 1 if result.problems else 0
 
 
-def compare_two(result: EmbedResult, model, checkpoint) -> None:
-    """Print the similarity of two faces and same/different at the model's verification threshold."""
+def compare_two(result: EmbedResult, model, checkpoint, min_quality: float | None = None) -> None:
+    """Print the similarity of two faces, their quality, and same/different at the model's
+    verification threshold ("low quality", no decision, when a face is below ``min_quality``)."""
+    from facecli.evaluation.quality import quality_problem, verdict
     from facecli.ui import console
 
     if len(result.paths) != 2:
@@ -218,5 +220,10 @@ def compare_two(result: EmbedResult, model, checkpoint) -> None:
             f"{checkpoint} stores no verification threshold, so same/different cannot be decided.",
             hint=f"Run `facecli tune-threshold {checkpoint} --save` first.",
         )
-    verdict = "same" if similarity >= model.threshold else "different"
-    console.print(f"{verdict} (threshold {model.threshold:.4f})", markup=False)
+    quality = result.columns.get("quality")
+    if min_quality is not None and quality_problem(model.model):
+        raise UserError(quality_problem(model.model), hint="Drop --min-quality for this model.")
+    if quality is not None:
+        console.print(f"quality: {float(quality[0]):.2f}, {float(quality[1]):.2f}", markup=False)
+    decision = verdict(similarity, model.threshold, [] if quality is None else quality, min_quality)
+    console.print(f"{decision} (threshold {model.threshold:.4f}" + ("" if min_quality is None else f", min quality {min_quality:g}") + ")", markup=False)

@@ -25,9 +25,17 @@ from facecli.evaluation.operating_point import threshold_at_far
 LOW_QUALITY = "low quality"
 
 
-def quality_is_meaningful(normalizes_output: bool) -> bool:
-    """A network that L2-normalises its own output (FaceNet's) has norm 1 for every face: no quality score."""
-    return not normalizes_output
+def quality_problem(model: str) -> str | None:
+    """Why a network trained with the loss ``model`` has no quality score (None: it has one).
+    A network that L2-normalises its own output (FaceNet's) gives every face norm 1: a
+    --min-quality or an ERC on it would be a wrong answer without a warning. (Heads that do
+    not train the norm, e.g. ArcFace, give a weaker score than MagFace/AdaFace, but a score.)"""
+    from facecli.losses import LOSSES
+
+    cls = LOSSES.get(str(model))
+    if cls is not None and cls.normalize_embeddings:
+        return f"A {model} network L2-normalises its own output: every face's norm is 1, so it has no quality score."
+    return None
 
 
 def verdict(similarity: float, threshold: float, qualities, min_quality: float | None = None) -> str:
