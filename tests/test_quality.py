@@ -124,3 +124,16 @@ def test_compare_shows_quality_and_takes_no_decision_below_min_quality(synth_roo
     save_checkpoint(ckpt, path)
     with pytest.raises(UserError, match="no quality score"):
         run_embed(*args, min_quality=1.0)
+
+
+def test_identify_answers_low_quality_below_the_minimum():
+    from facecli.gallery import UNKNOWN, build_gallery, identify
+
+    e = np.eye(3, dtype=np.float32)
+    gallery = build_gallery(["ann", "bob"], [0, 1], e[:2], ["a.jpg", "b.jpg"], identity={}, detector=None)
+    probes = np.stack([e[0], e[1], e[2]])
+    plain = identify(gallery, probes, threshold=0.5)
+    assert [r.answer for r in plain] == ["ann", "bob", UNKNOWN] and plain[0].quality is None
+    gated = identify(gallery, probes, threshold=0.5, quality=np.array([30.0, 5.0, np.nan]), min_quality=10.0)
+    assert [r.answer for r in gated] == ["ann", LOW_QUALITY, LOW_QUALITY] and gated[1].quality == 5.0
+    assert gated[1].top == plain[1].top  # the ranking is still shown
