@@ -36,7 +36,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_LFW = REPO.parent / "shared" / "data" / "lfw"
-MODELS = ("sphereface", "cosface", "arcface", "curricularface", "facenet")
+MODELS = ("sphereface", "cosface", "arcface", "curricularface", "facenet", "adaface", "magface", "elasticface")
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -5,7 +5,8 @@ Glossary (the words the code uses, one meaning each):
 - **net**: the embedding network, image batch -> embedding (``backbones.EmbeddingNet``:
   a backbone plus its embedding layer).
 - **head**: a margin head, class weights that turn embeddings into margin logits
-  (``losses.MarginHead``: CosFace, ArcFace, SphereFace, CurricularFace). A run's loss
+  (``losses.MarginHead``: CosFace, ArcFace, SphereFace, CurricularFace, AdaFace, MagFace,
+  ElasticFace). A run's loss
   module is stored as ``head``/``head_state`` in checkpoints whatever it is.
 - **loss**: what training minimises, embeddings and labels in, a scalar out
   (``losses.Loss``: a head with cross-entropy, or FaceNet's triplet loss). It declares

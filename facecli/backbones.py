@@ -316,6 +316,16 @@ class EmbeddingNet(nn.Module):
             z = F.normalize(z.float(), dim=1)
         return z
 
+    def body(self) -> nn.Module:
+        """The layers before the embedding layer (what fine-tuning may freeze): a face network's
+        trunk, or the whole generic backbone (its embedding layer is the neck)."""
+        if not self.backbone.embeds:
+            return self.backbone
+        trunk = getattr(self.backbone, "trunk", None)
+        if trunk is None:
+            raise UserError(f"Backbone {self.backbone_name} does not say which layers come before its embedding layer (no .trunk).", hint="Fine-tune it without --freeze-backbone-epochs.")
+        return trunk
+
     def config(self) -> dict:
         """What :func:`facecli.engine.checkpoint.build_net_from_checkpoint` needs to rebuild this network."""
         return {"backbone": self.backbone_name, "embedding_dim": self.embedding_dim, "normalize": self.normalize, "image_size": self.image_size}

@@ -123,6 +123,7 @@ class FaceEmbeddings:
     no_face: list[Path] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     photos: int = 0
+    quality: np.ndarray | None = None  # (N,) float32 feature norms before L2 normalisation
 
     def columns(self) -> dict[str, np.ndarray]:
         """Per-row face index, detector score, box (x0, y0, x1, y1) and landmarks (x1, y1, ..., y5)."""
@@ -168,11 +169,12 @@ def embed_photos(runner, files: Sequence[Path], detector: Detector | None = None
         dataset = AlignedFaces(found.records, runner.preprocess)
     if not found.records:
         dim = runner.embedding_dim
-        return FaceEmbeddings([], np.zeros((0, dim), np.float32), found.no_face, found.problems, found.photos)
+        return FaceEmbeddings([], np.zeros((0, dim), np.float32), found.no_face, found.problems, found.photos, np.zeros(0, np.float32))
     advance = progress("embedding", len(dataset)) if progress else None
     emb = runner.embed_dataset(dataset, device, flip, batch_size, workers, advance)
     keep = [r for r, ok in zip(found.records, emb.ok) if ok]
-    return FaceEmbeddings(keep, emb.vectors[emb.ok].astype(np.float32), found.no_face, found.problems + emb.bad, found.photos)
+    return FaceEmbeddings(keep, emb.vectors[emb.ok].astype(np.float32), found.no_face, found.problems + emb.bad, found.photos,
+                          quality=emb.quality[emb.ok].astype(np.float32))
 
 
 @dataclass

@@ -66,19 +66,31 @@ class Match:
 
 @dataclass(frozen=True)
 class Identification:
-    """A probe's answer: the best person, or "unknown" below the threshold, and the top k."""
+    """A probe's answer: the best person, "unknown" below the threshold, or "low quality" (no
+    decision) below the minimum quality; the top k; the probe's quality (its feature norm)."""
 
     answer: str
     top: tuple[Match, ...]
+    quality: float | None = None
 
 
-def identify(gallery: Gallery, probes: np.ndarray, threshold: float, k: int = 5, by: str = "mean") -> list[Identification]:
+def identify(gallery: Gallery, probes: np.ndarray, threshold: float, k: int = 5, by: str = "mean",
+             quality: np.ndarray | None = None, min_quality: float | None = None) -> list[Identification]:
+    """Each probe's answer; with ``min_quality``, a probe whose ``quality`` is below it gets none."""
+    from facecli.evaluation.quality import LOW_QUALITY
+
+    if min_quality is not None and quality is None:
+        raise ValueError("min_quality needs the probes' quality")
     scores = gallery.scores(probes, by)
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     out = []
-    for row, idx in zip(scores, order):
+    for i, (row, idx) in enumerate(zip(scores, order)):
         top = tuple(Match(gallery.names[j], float(row[j])) for j in idx)
-        out.append(Identification(top[0].name if top and top[0].score >= threshold else UNKNOWN, top))
+        q = None if quality is None else float(quality[i])
+        answer = top[0].name if top and top[0].score >= threshold else UNKNOWN
+        if min_quality is not None and not q >= min_quality:  # NaN counts as low
+            answer = LOW_QUALITY
+        out.append(Identification(answer, top, q))
     return out
 
 

@@ -1,4 +1,5 @@
-"""Margin heads (CosFace, ArcFace, SphereFace, CurricularFace) and the FaceNet triplet loss.
+"""Margin heads (CosFace, ArcFace, SphereFace, CurricularFace, AdaFace, MagFace, ElasticFace)
+and the FaceNet triplet loss.
 
 A head maps embeddings to float32 logits ``(B, C)`` whose cross-entropy with the labels is
 the training loss. Every head shares one pipeline, kept as cheap as the no-margin floor
@@ -17,7 +18,9 @@ the training loss. Every head shares one pipeline, kept as cheap as the no-margi
    No boolean-mask gathers, no full-matrix clamp, no (B, C) gather/scatter gradients.
 
 ``logits_from_cos`` also takes labels equal to -1 (the target column is not in this cos
-matrix) so a class-sharded head can reuse it on its slice of W.
+matrix) so a class-sharded head can reuse it on its slice of W. Heads that read the
+embedding's norm (AdaFace, MagFace) take each row's norm as ``norms``: the sharded head
+passes those of the gathered batch, so they need no special case there.
 
 Adding a loss is one class: a margin head decorated with ``@register_head("name")``, or any
 :class:`Loss` (embeddings and labels in, a scalar loss out) with ``@register_loss("name")``.
@@ -53,6 +56,9 @@ __all__ = [
     "ArcFace",
     "SphereFace",
     "CurricularFace",
+    "AdaFace",
+    "MagFace",
+    "ElasticFace",
     "register_head",
     "build_head",
     "semihard_triplet_loss",
@@ -82,6 +88,9 @@ class HParam:
     high_open: bool = False
     option: str = ""  # default: ``name``
     hint: str = ""  # advice added to a range error
+    # An on/off switch (ElasticFace's sort): a --flag/--no-flag and true/false in config
+    # files, stored as 1.0/0.0 so checkpoints keep numbers only.
+    switch: bool = False
 
     def __post_init__(self):
         if not self.option:
@@ -100,6 +109,8 @@ class HParam:
 
     def check(self, value, owner: str) -> float:
         """``value`` as a float inside the range, or a one-line UserError naming ``owner`` and the option."""
+        if self.switch and isinstance(value, bool):
+            value = float(value)
         number = _real(value, self.name, owner)
         problem = self.range_problem(number)
         if problem:
@@ -109,6 +120,8 @@ class HParam:
     def range_problem(self, number: float) -> str | None:
         """What is wrong with ``number`` (e.g. "must be in [0, 1]; got margin 1.5. The default is 0.5."),
         or None: the one wording of a range error, for the API and for flags and config files."""
+        if self.switch and number not in (0.0, 1.0):
+            return f"must be on or off (true/false, 1/0); got {number:g}. {self.advice()}"
         low_bad = self.low is not None and (number <= self.low if self.low_open else number < self.low)
         high_bad = self.high is not None and (number >= self.high if self.high_open else number > self.high)
         if not (low_bad or high_bad):
@@ -116,7 +129,8 @@ class HParam:
         return f"must be {self.rule()}; got {self.name} {number:g}. {self.advice()}"
 
     def advice(self) -> str:
-        return f"The default is {self.default:g}." + (f" {self.hint}" if self.hint else "")
+        default = ("on" if self.default else "off") if self.switch else f"{self.default:g}"
+        return f"The default is {default}." + (f" {self.hint}" if self.hint else "")
 
 
 def _fmt(x: float) -> str:
@@ -151,14 +165,20 @@ class _MarginLogits(torch.autograd.Function):
     """``s * f(cos)`` with each row's target column replaced by ``s * new``, in few passes over (B, C).
 
     ``f`` is the identity, or with ``threshold`` (B, 1) and ``t`` CurricularFace's modulation
-    ``cos (t + cos)`` of the entries above the row's threshold. ``new`` (B,) is the row's
-    target value (before scaling) and ``slope`` (B,) its derivative with respect to the row's
-    target cosine ``cos[i, index[i]]``; ``threshold`` and ``t`` get no gradient.
+    ``cos (t + cos)`` of the entries above the row's threshold, or with ``limit`` a clamp to
+    [-limit, limit] (AdaFace's). ``new`` (B,) is the row's target value (before scaling) and
+    ``slope`` (B,) its derivative with respect to the row's target cosine ``cos[i, index[i]]``;
+    ``threshold`` and ``t`` get no gradient. ``new`` gets the target logit's gradient (times
+    s) when it depends on more than cos_y (MagFace's margin, a function of the norm).
     """
 
     @staticmethod
-    def forward(ctx, cos, index, new, slope, scale, t, threshold):
-        if threshold is None:
+    def forward(ctx, cos, index, new, slope, scale, t, threshold, limit=None):
+        ctx.limit = limit
+        if limit is not None:
+            hard = cos.abs() <= limit  # here: where the clamp passes the gradient
+            out = cos.clamp(-limit, limit).mul_(scale)
+        elif threshold is None:
             hard = None
             out = cos * scale
         else:
@@ -168,6 +188,8 @@ class _MarginLogits(torch.autograd.Function):
         ctx.scale = scale
         if hard is None:
             ctx.save_for_backward(index, slope)
+        elif limit is not None:
+            ctx.save_for_backward(index, slope, hard)
         else:
             ctx.save_for_backward(index, slope, cos, hard, t)
         return out
@@ -178,15 +200,20 @@ class _MarginLogits(torch.autograd.Function):
         if len(ctx.saved_tensors) == 2:
             index, slope = ctx.saved_tensors
             g = grad * s
+        elif ctx.limit is not None:
+            index, slope, inside = ctx.saved_tensors
+            g = (grad * s).masked_fill_(~inside, 0.0)
         else:
             index, slope, cos, hard, t = ctx.saved_tensors
             g = torch.add(t, cos, alpha=2.0).mul_(s)  # d/dc s c (t + c); s may be a tensor (scale warm-up)
             # s as a Python number (no warm-up) stays a scalar argument: a device tensor built
             # from it would be a host-to-device copy, and a wait, in every backward.
             g = torch.where(hard, g, s.to(g.dtype) if torch.is_tensor(s) else s).mul_(grad)
-        g_y = grad.gather(1, index).squeeze(1) * (slope * s)
+        grad_y = grad.gather(1, index).squeeze(1)
+        g_y = grad_y * (slope * s)
         g.scatter_(1, index, g_y.unsqueeze(1).to(g.dtype))
-        return g, None, None, None, None, None, None
+        g_new = grad_y * s if ctx.needs_input_grad[2] else None
+        return g, None, g_new, None, None, None, None, None
 
 
 class Loss(nn.Module):
@@ -202,22 +229,31 @@ class Loss(nn.Module):
     default_embedding_dim: int = 512
     # The network L2-normalises its output (a loss on distances, FaceNet's).
     normalize_embeddings: bool = False
-    # Needs the embedding's norm (AdaFace, MagFace): the network must not normalise, and a
-    # class-sharded head, which normalises before it splits the classes, cannot hold it.
+    # Reads each embedding's norm (AdaFace, MagFace): the network must not normalise, and
+    # ``logits_from_cos`` gets the rows' norms as ``norms`` (the class-sharded head passes
+    # those of the gathered global batch, with their gradient).
     needs_embedding_norm: bool = False
     # How a batch is drawn: "shuffled", or "pk" (P identities x K images).
     batch_layout: str = "shuffled"
     # Its class weights can be split across processes (engine/sharded_head.py).
     shardable: bool = False
-    # Statistics of the target cosines (CurricularFace's t) must follow the global batch:
-    # under DDP the engine hands it ``follow_global_batch``; sharded, every row's target
-    # cosine goes to ``logits_from_cos(..., target_cos=...)``.
+    # Keeps running statistics of the batch (CurricularFace's t, AdaFace's norm mean and
+    # std) that must follow the global batch: under DDP (loss replicated) the engine hands
+    # it ``follow_global_batch``. Sharded, the head sees the gathered global batch anyway.
+    batch_statistics: bool = False
+    # Reads every row's target cosine (CurricularFace's t, ElasticFace+'s sort): sharded,
+    # each row's cos_y goes to ``logits_from_cos(..., target_cos=...)``, also for rows whose
+    # class another process holds.
     needs_global_target_cosines: bool = False
     sharded: bool = False
 
-    def follow_global_batch(self, mean_over_ranks: Callable[[Tensor], Tensor]) -> None:
-        """Under DDP: the mean over every process of a value (for losses that
-        ``needs_global_target_cosines``; the others need nothing)."""
+    def follow_global_batch(self, sum_over_ranks: Callable[[Tensor], Tensor]) -> None:
+        """Under DDP: a function summing a tensor over every process (for losses with
+        ``batch_statistics``; the others need nothing)."""
+
+    def set_process_rank(self, rank: int) -> None:
+        """Under DDP (loss replicated): this process's rank, so that a loss drawing random
+        numbers (ElasticFace's margins) draws different ones in each process."""
 
     @classmethod
     def hyper_parameters(cls) -> tuple[HParam, ...]:
@@ -325,10 +361,20 @@ class MarginHead(Loss):
         """float32 cosines (B, C) between embeddings and class weights, clamped to [-1, 1]."""
         return self._raw_cosine(embeddings).clamp(-1.0, 1.0)
 
+    def embedding_norms(self, embeddings: Tensor) -> Tensor:
+        """float32 L2 norms (B,) of the un-normalised embeddings, with their gradient."""
+        with _no_autocast(embeddings.device):
+            return embeddings.float().norm(dim=1)
+
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """float32 logits (B, C), scale included; train with cross-entropy against ``labels``."""
         # The target cosines are clamped in logits_from_cos; a full-matrix clamp would only cost passes.
-        return self.logits_from_cos(self._raw_cosine(embeddings), labels)
+        norms = self.embedding_norms(embeddings) if self.needs_embedding_norm else None
+        return self.logits_from_cos(self._raw_cosine(embeddings), labels, norms=norms)
+
+    def norm_penalty(self, norms: Tensor | None) -> Tensor | None:
+        """A per-row term (B,) added to the cross-entropy (MagFace's lambda_g g(a)), or None."""
+        return None
 
     @staticmethod
     def _index(cos: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -341,10 +387,11 @@ class MarginHead(Loss):
         # Detached: _MarginLogits carries the target column's gradient itself.
         return valid, index, cos.detach().gather(1, index).squeeze(1).clamp(-1.0, 1.0)
 
-    def logits_from_cos(self, cos: Tensor, labels: Tensor, target_cos: Tensor | None = None) -> Tensor:
+    def logits_from_cos(self, cos: Tensor, labels: Tensor, target_cos: Tensor | None = None, norms: Tensor | None = None) -> Tensor:
         """Scaled logits from cosines; rows labelled -1 get no margin (target elsewhere).
 
-        ``target_cos`` is unused by stateless heads (their non-target logits do not depend on cos_y).
+        ``target_cos`` is unused by stateless heads (their non-target logits do not depend on
+        cos_y); ``norms`` (B,) by heads that do not ``needs_embedding_norm``.
         """
         valid, index, cos_y = self._index(cos, labels)
         if cos.requires_grad and torch.is_grad_enabled():
@@ -377,8 +424,11 @@ class MarginHead(Loss):
         return self.scale if self.warmup_scale is None else self.scale_now
 
     def loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        """Mean cross-entropy of the margin logits."""
-        return F.cross_entropy(self(embeddings, labels), labels)
+        """Mean cross-entropy of the margin logits (plus the mean ``norm_penalty``, if any)."""
+        norms = self.embedding_norms(embeddings) if self.needs_embedding_norm else None
+        ce = F.cross_entropy(self.logits_from_cos(self._raw_cosine(embeddings), labels, norms=norms), labels)
+        penalty = self.norm_penalty(norms)
+        return ce if penalty is None else ce + penalty.mean()
 
     def extra_repr(self) -> str:
         extras = ", ".join(f"{k}={v:g}" for k, v in self.hparams().items())
@@ -394,8 +444,8 @@ def _registrar(registry: dict, base: type, what: str, also: Callable | None = No
                 raise TypeError(f"@{what}({name!r}) must decorate a {base.__name__} subclass, got {cls!r}")
             if name in registry and registry[name] is not cls:
                 raise UserError(f"@{what}({name!r}): a {'margin head' if base is MarginHead else 'loss'} named {name!r} is already registered ({registry[name].__name__}); choose another name.")
-            if getattr(cls, "needs_embedding_norm", False) and (cls.normalize_embeddings or cls.shardable):
-                raise TypeError(f"@{what}({name!r}): a loss that needs the embedding norm cannot have it normalised away or sharded")
+            if getattr(cls, "needs_embedding_norm", False) and cls.normalize_embeddings:
+                raise TypeError(f"@{what}({name!r}): a loss that needs the embedding norm cannot have it normalised away")
             if also is not None:
                 also(name)(cls)
             cls.name = name
@@ -500,11 +550,12 @@ class CurricularFace(ArcFace):
     Under DDP, ``follow_global_batch`` (called by the engine) makes t follow the global batch.
     """
 
-    mean_over_ranks: Callable[[Tensor], Tensor] | None = None
+    sum_over_ranks: Callable[[Tensor], Tensor] | None = None
     needs_global_target_cosines = True
+    batch_statistics = True
 
-    def follow_global_batch(self, mean_over_ranks: Callable[[Tensor], Tensor]) -> None:
-        self.mean_over_ranks = mean_over_ranks  # t follows the global batch, not this process's
+    def follow_global_batch(self, sum_over_ranks: Callable[[Tensor], Tensor]) -> None:
+        self.sum_over_ranks = sum_over_ranks  # t follows the global batch, not this process's
 
     @classmethod
     def hyper_parameters(cls) -> tuple[HParam, ...]:
@@ -516,7 +567,7 @@ class CurricularFace(ArcFace):
         super().__init__(embedding_dim, num_classes, **hparams)
         self.register_buffer("t", torch.zeros((), dtype=torch.float32))
 
-    def logits_from_cos(self, cos: Tensor, labels: Tensor, target_cos: Tensor | None = None) -> Tensor:
+    def logits_from_cos(self, cos: Tensor, labels: Tensor, target_cos: Tensor | None = None, norms: Tensor | None = None) -> Tensor:
         """As ``MarginHead.logits_from_cos``; rows labelled -1 need their cos_y in ``target_cos``."""
         valid, index, local_y = self._index(cos, labels)
         if target_cos is not None:
@@ -533,8 +584,9 @@ class CurricularFace(ArcFace):
         if self.training and cos.shape[0]:
             with torch.no_grad():
                 mean = cos_y.float().mean()
-                if self.mean_over_ranks is not None:
-                    mean = self.mean_over_ranks(mean)
+                if self.sum_over_ranks is not None:  # the global batch's mean, also for unequal batches
+                    total = self.sum_over_ranks(torch.stack([cos_y.float().sum(), cos_y.new_tensor(float(cos_y.numel()))]))
+                    mean = total[0] / total[1]
                 self.t.copy_(self.momentum * mean + (1.0 - self.momentum) * self.t.float())
         t = self.t.to(cos.dtype).clone()  # a snapshot: the buffer may change before backward
 
@@ -544,6 +596,216 @@ class CurricularFace(ArcFace):
         if slope is not None:
             slope = torch.where(valid, slope, torch.where(hard_y, t + 2.0 * local_y, torch.ones_like(local_y)))
         return _MarginLogits.apply(cos, index, new, slope, self._scale(), t, cos_m.unsqueeze(1))
+
+
+_ADA_EPS = 1e-3  # AdaFace's released eps: the cosine clamp, the std guard, the angle clip
+
+
+@register_head("adaface")
+class AdaFace(MarginHead):
+    """AdaFace (Kim et al., CVPR 2022): a margin that adapts to image quality, read from the norm.
+
+    As the authors' released ``head.py`` with the training script's t_alpha = 0.01: every
+    cosine clamped to +-(1 - 1e-3); the norms a clipped to [1e-3, 100] and detached; running
+    mean and std of the norms (buffers starting at 20 and 100, std unbiased) updated with the
+    batch before they are used; z = clip(h (a - mean) / (std + 1e-3), -1, 1); target
+    cos(clip(theta_y - m z, 1e-3, pi - 1e-3)) - (m + m z). High-quality faces (large norm)
+    get an angular margin, low-quality ones a smaller additive one. Under DDP the statistics
+    are those of the global batch (``follow_global_batch``); sharded, of the gathered batch.
+    """
+
+    default_scale = 64.0
+    default_margin = 0.4
+    margin_range = (0.0, 1.0, False, False)
+    needs_embedding_norm = True
+    batch_statistics = True
+    sum_over_ranks: Callable[[Tensor], Tensor] | None = None
+
+    @classmethod
+    def hyper_parameters(cls) -> tuple[HParam, ...]:
+        return super().hyper_parameters() + (
+            HParam("h", 0.333, "AdaFace's h: how much the norm's z-score moves the margin", 0.0, None, option="adaface_h"),
+            HParam("t_alpha", 0.01, "AdaFace's momentum of the running mean and std of the norms", 0.0, 1.0, option="adaface_t_alpha"),
+        )
+
+    def __init__(self, embedding_dim: int, num_classes: int, **hparams):
+        super().__init__(embedding_dim, num_classes, **hparams)
+        self.register_buffer("batch_mean", torch.full((), 20.0, dtype=torch.float32))
+        self.register_buffer("batch_std", torch.full((), 100.0, dtype=torch.float32))
+
+    def follow_global_batch(self, sum_over_ranks: Callable[[Tensor], Tensor]) -> None:
+        self.sum_over_ranks = sum_over_ranks  # the norms' statistics over the global batch
+
+    @torch.no_grad()
+    def _update_statistics(self, safe: Tensor) -> None:
+        """The released update, with the batch's mean and unbiased std (global under DDP).
+        A batch of one has no std: the running std is then kept (the released code stores NaN)."""
+        if self.sum_over_ranks is None:
+            mean = safe.mean()
+            std = safe.std() if safe.numel() > 1 else self.batch_std
+        else:
+            total = self.sum_over_ranks(torch.stack([safe.sum(), safe.new_tensor(float(safe.numel()))]))
+            mean = total[0] / total[1]
+            squares = self.sum_over_ranks(((safe - mean) ** 2).sum())
+            std = torch.where(total[1] > 1, (squares / (total[1] - 1).clamp_min(1)).sqrt(), self.batch_std)
+        a = self.t_alpha
+        self.batch_mean.copy_(mean * a + (1 - a) * self.batch_mean)
+        self.batch_std.copy_(std * a + (1 - a) * self.batch_std)
+
+    def logits_from_cos(self, cos: Tensor, labels: Tensor, target_cos: Tensor | None = None, norms: Tensor | None = None) -> Tensor:
+        """As ``MarginHead.logits_from_cos``, with every row's embedding norm in ``norms`` (B,)."""
+        if norms is None:
+            raise ValueError("adaface: logits_from_cos needs each row's embedding norm (norms=...)")
+        valid, index, cos_y = self._index(cos, labels)
+        limit = 1.0 - _ADA_EPS
+        c = cos_y.clamp(-limit, limit)
+        inside = (cos_y >= -limit) & (cos_y <= limit)
+        safe = norms.detach().to(device=cos.device, dtype=torch.float32).clamp(_ADA_EPS, 100.0)
+        if self.training and safe.numel():
+            self._update_statistics(safe)
+        z = ((safe - self.batch_mean) / (self.batch_std + _ADA_EPS) * self.h).clamp(-1.0, 1.0).to(c.dtype)
+        m = self.margin
+        theta = torch.acos(c)
+        shifted = theta - m * z
+        theta_m = shifted.clamp(_ADA_EPS, math.pi - _ADA_EPS)
+        target = torch.cos(theta_m) - (m + m * z)
+        free = inside & (shifted >= _ADA_EPS) & (shifted <= math.pi - _ADA_EPS)
+        slope = torch.where(free, torch.sin(theta_m) / (1.0 - c * c).sqrt(), torch.zeros_like(c))
+        w = self.margin_weight.to(c.dtype)
+        target, slope = torch.lerp(c, target, w), torch.lerp(inside.to(c.dtype), slope, w)
+        # Rows without a local target rewrite column 0 with its own (clamped) value.
+        new = torch.where(valid, target, c)
+        slope = torch.where(valid, slope, inside.to(slope.dtype))
+        return _MarginLogits.apply(cos, index, new, slope, self._scale(), None, None, limit)
+
+
+@register_head("magface")
+class MagFace(MarginHead):
+    """MagFace (Meng et al., CVPR 2021): the norm a is a quality score, trained to be one.
+
+    As the released ``MagLinear``/``MagLoss``: a clamped to [l_a, u_a], the margin
+    m(a) = l_m + (u_m - l_m) (a - l_a) / (u_a - l_a) linear in it, ArcFace's target
+    cos(theta_y + m(a)) where cos_y > 0 and cos_y elsewhere (the "easy margin"), and the loss
+    the cross-entropy plus lambda_g times the batch mean of g(a) = 1/a + a/u_a^2. The
+    gradient reaches a through the margin and through g (not detached, as released).
+    """
+
+    default_scale = 64.0
+    needs_embedding_norm = True
+
+    @classmethod
+    def hyper_parameters(cls) -> tuple[HParam, ...]:
+        return (
+            HParam("scale", cls.default_scale, "Scale s of the cosine logits", 0.0, None, True, hint="Typical values are 30-64."),
+            HParam("l_a", 10.0, "MagFace's lower bound of the feature norm", 0.0, None, True, option="magface_l_a"),
+            HParam("u_a", 110.0, "MagFace's upper bound of the feature norm", 0.0, None, True, option="magface_u_a"),
+            HParam("l_m", 0.45, "MagFace's margin at the lower norm bound", 0.0, math.pi / 2, option="magface_l_m"),
+            HParam("u_m", 0.8, "MagFace's margin at the upper norm bound", 0.0, math.pi / 2, option="magface_u_m"),
+            HParam("lambda_g", 35.0, "MagFace's weight of the norm regulariser g(a)", 0.0, None, option="magface_lambda_g"),
+        )
+
+    def __init__(self, embedding_dim: int, num_classes: int, **hparams):
+        super().__init__(embedding_dim, num_classes, **hparams)
+        if not self.u_a > self.l_a:
+            raise UserError(f"magface: magface_u_a ({self.u_a:g}) must be above magface_l_a ({self.l_a:g}).", hint="The defaults are 10 and 110.")
+
+    def _clamped_norms(self, norms: Tensor | None, like: Tensor) -> Tensor:
+        if norms is None:
+            raise ValueError("magface: needs each row's embedding norm (norms=...)")
+        return norms.to(device=like.device, dtype=like.dtype).clamp(self.l_a, self.u_a)
+
+    def logits_from_cos(self, cos: Tensor, labels: Tensor, target_cos: Tensor | None = None, norms: Tensor | None = None) -> Tensor:
+        """As ``MarginHead.logits_from_cos``, with every row's embedding norm in ``norms`` (B,)."""
+        valid, index, cos_y = self._index(cos, labels)
+        a = self._clamped_norms(norms, cos_y)
+        m = self.l_m + (self.u_m - self.l_m) / (self.u_a - self.l_a) * (a - self.l_a)
+        sin2 = 1.0 - cos_y * cos_y
+        sin = sin2.clamp_min(_SIN2_FLOOR).sqrt()
+        easy = cos_y > 0
+        target = torch.where(easy, cos_y * torch.cos(m) - sin * torch.sin(m), cos_y)
+        with torch.no_grad():
+            ratio = torch.where(sin2 >= _SIN2_FLOOR, cos_y / sin, torch.zeros_like(cos_y))
+            slope = torch.where(easy, torch.cos(m) + torch.sin(m) * ratio, torch.ones_like(cos_y))
+        target, slope = self._blend(cos_y, target, slope)
+        new = torch.where(valid, target, cos_y)
+        slope = torch.where(valid, slope, torch.ones_like(slope))
+        return _MarginLogits.apply(cos, index, new, slope, self._scale(), None, None)
+
+    def norm_penalty(self, norms: Tensor | None) -> Tensor:
+        """lambda_g g(a) per row, g(a) = 1/a + a/u_a^2 on the clamped norm (MagLoss.calc_loss_G)."""
+        a = self._clamped_norms(norms, norms.float() if norms is not None else None)
+        return self.lambda_g * (a / self.u_a**2 + 1.0 / a)
+
+
+@register_head("elasticface")
+class ElasticFace(MarginHead):
+    """ElasticFace-Arc (Boutros et al., CVPRW 2022): ArcFace with a margin drawn per sample.
+
+    In training every row's margin is drawn from N(m, sigma) (m = 0.5, sigma = 0.05) and its
+    target is cos(theta_y + m_i), without ArcFace's fallback, as released. With ``sort``
+    (ElasticFace+) the drawn margins are sorted against the target cosines: the row closest
+    to its class gets the smallest margin, the farthest the largest (the released code indexes
+    the sorted margins with the argsort itself, which is that assignment only when the
+    permutation is its own inverse; this is the paper's). In evaluation the margin is m.
+    The draws come from a generator seeded by ``torch.initial_seed()`` (the run's seed) and
+    a draw counter kept in the state dict, so a resumed run draws what the uninterrupted one
+    would; under DDP each process draws its own (``set_process_rank``); sharded, every rank
+    draws the global batch's margins, and ElasticFace+ sorts on the global target cosines.
+    """
+
+    default_scale = 64.0
+    default_margin = 0.5
+    margin_range = (0.0, math.pi, False, True)
+    needs_global_target_cosines = True  # ElasticFace+ sorts the global batch's target cosines
+
+    @classmethod
+    def hyper_parameters(cls) -> tuple[HParam, ...]:
+        return super().hyper_parameters() + (
+            HParam("margin_std", 0.05, "ElasticFace's standard deviation of the per-sample margin", 0.0, None, option="elastic_std"),
+            HParam("sort", 0.0, "ElasticFace+: the rows closest to their class get the smallest margins", switch=True, option="elastic_sort"),
+        )
+
+    def __init__(self, embedding_dim: int, num_classes: int, **hparams):
+        super().__init__(embedding_dim, num_classes, **hparams)
+        self._seed = int(torch.initial_seed())  # the run's seed, without consuming the global RNG
+        self._draws = 0
+        self._rank = 0
+
+    def get_extra_state(self) -> Tensor:
+        return torch.tensor([self._seed, self._draws], dtype=torch.int64)
+
+    def set_extra_state(self, state: Tensor) -> None:
+        self._seed, self._draws = (int(v) for v in state.tolist())
+
+    def set_process_rank(self, rank: int) -> None:
+        self._rank = int(rank)
+
+    def draw_margins(self, n: int) -> Tensor:
+        """The next ``n`` margins (float32, CPU) from N(m, sigma): one draw per training forward."""
+        g = torch.Generator().manual_seed(hash((self._seed, self._draws, self._rank)) & (2**63 - 1))
+        self._draws += 1
+        return self.margin + self.margin_std * torch.randn(n, generator=g)
+
+    def logits_from_cos(self, cos: Tensor, labels: Tensor, target_cos: Tensor | None = None, norms: Tensor | None = None) -> Tensor:
+        """As ``MarginHead.logits_from_cos``; with ``sort``, rows labelled -1 need their cos_y in ``target_cos``."""
+        valid, index, cos_y = self._index(cos, labels)
+        if self.training:
+            margins = self.draw_margins(cos.shape[0]).to(device=cos.device, dtype=cos_y.dtype)
+            if self.sort:
+                every_y = cos_y if target_cos is None else torch.where(valid, cos_y, target_cos.detach().to(cos_y))
+                closest_first = torch.argsort(every_y, descending=True)
+                margins = torch.empty_like(margins).scatter_(0, closest_first, margins.sort().values)
+        else:
+            margins = torch.full_like(cos_y, self.margin)
+        sin2 = 1.0 - cos_y * cos_y
+        sin = sin2.clamp_min(_SIN2_FLOOR).sqrt()
+        target = cos_y * torch.cos(margins) - sin * torch.sin(margins)
+        ratio = torch.where(sin2 >= _SIN2_FLOOR, cos_y / sin, torch.zeros_like(cos_y))
+        slope = torch.cos(margins) + torch.sin(margins) * ratio
+        target, slope = self._blend(cos_y, target, slope)
+        new = torch.where(valid, target, cos_y)
+        slope = torch.where(valid, slope, torch.ones_like(slope))
+        return _MarginLogits.apply(cos, index, new, slope, self._scale(), None, None)
 
 
 def _lookup(registry: dict, name: str, what: str):

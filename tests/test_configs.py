@@ -24,7 +24,7 @@ def train_config_fields() -> set[str]:
 
 def test_the_five_casia_recipes_are_there():
     names = {p.name for p in CONFIGS}
-    for model in ("arcface", "cosface", "sphereface", "curricularface", "facenet"):
+    for model in ("arcface", "cosface", "sphereface", "curricularface", "facenet", "adaface", "magface", "elasticface"):
         assert f"casia_iresnet50_{model}.yaml" in names
 
 

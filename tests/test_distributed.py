@@ -173,7 +173,8 @@ def test_sharded_head_equals_unsharded_head():
     """Loss, embedding and weight gradients, CurricularFace's t, checkpoint gather/scatter and init."""
     outs = _two_workers("heads")
     for out in outs:
-        assert "HEADS-OK 12" in out, out  # 4 heads x 3 batch/class layouts were compared
+        assert "HEADS-OK 24" in out, out  # (7 heads + ElasticFace+) x 3 batch/class layouts were compared
+        assert "DDP-STATS-OK 2" in out, out
 
 
 def test_ddp_train_matches_one_process_and_resumes(synth_root, tmp_path):
@@ -245,6 +246,20 @@ def test_sharded_head_under_torchrun(synth_root, synth_lfw_dir, tmp_path):
     assert "ccuracy" in result.output
 
 
+def test_sharded_adaface_under_torchrun_equals_one_process(synth_root, tmp_path):
+    """A head that reads the norms trains through the CLI with --sharded-head: the step, and
+    AdaFace's running statistics, are those of the one-process run on the global batch."""
+    from conftest import cli
+
+    result = cli("train", "adaface", *_tiny(synth_root, tmp_path, "single", 72, 1))
+    assert result.exit_code == 0, result.output
+    _torchrun("-m", "facecli", "train", "adaface", "--sharded-head", *_tiny(synth_root, tmp_path, "sharded", 36, 1))
+    sharded = _load(tmp_path / "adaface" / "sharded" / "latest.pt")
+    single = _load(tmp_path / "adaface" / "single" / "latest.pt")
+    _assert_same_training_state(sharded, single)
+    assert sharded["world_size"] == 2 and float(sharded["head_state"]["batch_mean"]) != 20.0
+
+
 # --------------------------------------------------------------------------- workers
 
 
@@ -271,11 +286,11 @@ def _heads_worker() -> None:
         (9, [8, 0, 4, 5, 1, 7, 2, 6, 3], 6),
     ]
     checked = 0
-    for name in sorted(HEADS):
+    for name, hp in [(n, {}) for n in sorted(HEADS)] + [("elasticface", {"sort": 1.0})]:
         for C, label_list, rows0 in layouts:
             torch.manual_seed(100 + C)
             labels = torch.tensor(label_list)
-            ref = build_head(name, D, C)
+            ref = build_head(name, D, C, **hp)
             if name == "curricularface":
                 ref.t.fill_(0.3)
             ref.train()
@@ -284,11 +299,13 @@ def _heads_worker() -> None:
             emb = 0.7 * torch.randn(len(labels), D)
             emb[::3] += 3 * F.normalize(ref.weight.detach()[labels[::3]], dim=1)
             emb[1] = -ref.weight.detach()[labels[1]] + 0.002 * torch.randn(D)  # not exactly -1: no clamp kink
+            if ref.needs_embedding_norm:  # norms on both sides of AdaFace's mean, inside MagFace's [10, 110]
+                emb = emb * torch.linspace(5.0, 40.0, len(labels))[:, None]
             emb_ref = emb.clone().requires_grad_(True)
-            loss_ref = F.cross_entropy(ref(emb_ref, labels), labels)
+            loss_ref = ref.loss(emb_ref, labels)  # the cross-entropy, plus MagFace's g
             loss_ref.backward()
 
-            head = sh.ShardedMarginHead(name, D, C, world)
+            head = sh.ShardedMarginHead(name, D, C, world, **hp)
             head.load_full_state_dict(start_state)
             head.train()
             lo, hi = (0, rows0) if rank == 0 else (rows0, len(labels))
@@ -302,6 +319,9 @@ def _heads_worker() -> None:
             torch.testing.assert_close(head.weight.grad, ref.weight.grad[a:b], atol=1e-5, rtol=1e-4, msg=lambda m: f"{tag} weight grad: {m}")
             if name == "curricularface":
                 torch.testing.assert_close(head.local.t, ref.t, msg=lambda m: f"{tag} t: {m}")
+            if name == "adaface":  # the statistics of the gathered (global) batch on every rank
+                torch.testing.assert_close(head.local.batch_mean, ref.batch_mean, msg=lambda m: f"{tag} mean: {m}")
+                torch.testing.assert_close(head.local.batch_std, ref.batch_std, msg=lambda m: f"{tag} std: {m}")
 
             # Checkpoint helpers: one SGD step with momentum on both, then gather / scatter.
             opt_ref = torch.optim.SGD([ref.weight], lr=0.1, momentum=0.9)
@@ -318,18 +338,39 @@ def _heads_worker() -> None:
                 torch.testing.assert_close(
                     gathered["state"][0]["momentum_buffer"], opt_ref.state_dict()["state"][0]["momentum_buffer"], atol=1e-5, rtol=1e-4
                 )
-                build_head(name, D, C).load_state_dict(full)  # loadable by the unsharded head
+                build_head(name, D, C, **hp).load_state_dict(full)  # loadable by the unsharded head
             else:
                 assert full is None and gathered is None
             blob = [gathered]
             dist.broadcast_object_list(blob, src=0)
-            fresh = sh.ShardedMarginHead(name, D, C, world)
+            fresh = sh.ShardedMarginHead(name, D, C, world, **hp)
             fresh.load_full_state_dict(ref.state_dict())
             opt2 = torch.optim.SGD([fresh.weight], lr=0.1, momentum=0.9)
             fresh.scatter_optimizer_state(opt2, blob[0])
             assert torch.equal(fresh.weight.detach(), ref.weight.detach()[a:b])
             assert torch.equal(opt2.state[fresh.weight]["momentum_buffer"], blob[0]["state"][0]["momentum_buffer"][a:b])
             checked += 1
+
+    # Under DDP (loss replicated, unequal batches), the batch statistics follow the global batch.
+    from facecli.engine.distributed import sum_over_ranks
+
+    stats_checked = 0
+    for name in ("adaface", "curricularface"):
+        torch.manual_seed(7)
+        labels = torch.tensor([0, 3, 1, 2, 4, 0, 1])
+        emb = torch.randn(len(labels), D) * torch.linspace(5.0, 40.0, len(labels))[:, None]
+        ref = build_head(name, D, 5).train()
+        replica = build_head(name, D, 5).train()
+        replica.load_state_dict(ref.state_dict())
+        replica.follow_global_batch(sum_over_ranks)
+        for _ in range(2):
+            ref.loss(emb, labels)
+            lo, hi = (0, 3) if rank == 0 else (3, len(labels))
+            replica.loss(emb[lo:hi], labels[lo:hi])
+        for key, value in ref.state_dict().items():
+            torch.testing.assert_close(replica.state_dict()[key], value, msg=lambda m: f"DDP {name} {key}: {m}")
+        stats_checked += 1
+    print(f"DDP-STATS-OK {stats_checked}")
 
     # Initialisation: the shards of a small head are the rows the unsharded head draws from the
     # same seed; a huge head's rows do not depend on the number of ranks either.

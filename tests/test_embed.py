@@ -62,9 +62,10 @@ def test_npz_npy_csv_hold_the_same_unit_float32_rows(trained_checkpoint, nested,
     assert r.exit_code == 0, r.output
     with (tmp_path / "e.csv").open(newline="") as f:
         rows = list(csv.reader(f))
-    assert rows[0] == ["path"] + [f"e{i}" for i in range(dim)]
+    assert rows[0] == ["path", "quality"] + [f"e{i}" for i in range(dim)]  # quality: the feature norm (issue 23)
     assert [Path(row[0]) for row in rows[1:]] == images
-    assert np.allclose(np.array([[float(v) for v in row[1:]] for row in rows[1:]]), emb, rtol=0, atol=1e-7)
+    assert np.allclose([float(row[1]) for row in rows[1:]], data["quality"], rtol=1e-6)
+    assert np.allclose(np.array([[float(v) for v in row[2:]] for row in rows[1:]]), emb, rtol=0, atol=1e-7)
 
     r = _embed(trained_checkpoint, folder, "--out", tmp_path / "e.txt")
     assert r.exit_code == 2

@@ -52,19 +52,29 @@ def _expected(target_fn, s, nontarget_fn=None):
     return torch.tensor(rows, dtype=torch.float32)
 
 
+def _norms_kw(name, rows, dtype=torch.float32):
+    """``norms=`` for the heads that read the embedding norm (AdaFace, MagFace), else nothing."""
+    if not HEADS[name].needs_embedding_norm:
+        return {}
+    return {"norms": torch.linspace(5.0, 60.0, rows, dtype=dtype)}
+
+
 def _close(actual, expected, atol=1e-4):
     assert actual.dtype == torch.float32
     torch.testing.assert_close(actual, expected, rtol=0, atol=atol)
 
 
 def test_registry_and_defaults():
-    assert set(HEADS) == {"cosface", "arcface", "sphereface", "curricularface"}
+    assert set(HEADS) == {"cosface", "arcface", "sphereface", "curricularface", "adaface", "magface", "elasticface"}
     for name, cls in HEADS.items():
         assert cls.name == name and issubclass(cls, MarginHead)
     assert build_head("cosface", 4, 5).hparams() == {"scale": 64.0, "margin": 0.35}
     assert build_head("arcface", 4, 5).hparams() == {"scale": 64.0, "margin": 0.5}
     assert build_head("sphereface", 4, 5).hparams() == {"scale": 30.0, "margin": 1.5}
     assert build_head("curricularface", 4, 5).hparams() == {"scale": 64.0, "margin": 0.5, "momentum": 0.01}
+    assert build_head("adaface", 4, 5).hparams() == {"scale": 64.0, "margin": 0.4, "h": 0.333, "t_alpha": 0.01}
+    assert build_head("magface", 4, 5).hparams() == {"scale": 64.0, "l_a": 10.0, "u_a": 110.0, "l_m": 0.45, "u_m": 0.8, "lambda_g": 35.0}
+    assert build_head("elasticface", 4, 5).hparams() == {"scale": 64.0, "margin": 0.5, "margin_std": 0.05, "sort": 0.0}
     # None means default; names are case-insensitive
     assert build_head("ArcFace", 4, 5, scale=None, margin=0.3, momentum=None).hparams() == {"scale": 64.0, "margin": 0.3}
 
@@ -209,11 +219,12 @@ def test_label_minus_one_is_plain_scaled_cos(name):
     head = build_head(name, 8, 6).eval()
     cos = head.cosine(torch.randn(5, 8))
     labels = torch.tensor([3, -1, 0, -1, 5])
-    out = head.logits_from_cos(cos, labels, target_cos=cos[:, 2])  # arbitrary outside cos_y, used by curricular only
+    kw = _norms_kw(name, 5)
+    out = head.logits_from_cos(cos, labels, target_cos=cos[:, 2], **kw)  # arbitrary outside cos_y, used by curricular only
     if name != "curricularface":
         torch.testing.assert_close(out[[1, 3]], head.scale * cos[[1, 3]], rtol=0, atol=1e-6)
-        torch.testing.assert_close(head.logits_from_cos(cos, labels), out, rtol=0, atol=0)
-    full = head.logits_from_cos(cos, labels.clamp_min(0))
+        torch.testing.assert_close(head.logits_from_cos(cos, labels, **kw), out, rtol=0, atol=0)
+    full = head.logits_from_cos(cos, labels.clamp_min(0), **kw)
     torch.testing.assert_close(out[[0, 2, 4]], full[[0, 2, 4]], rtol=0, atol=1e-6)
 
 
@@ -235,7 +246,8 @@ def test_class_sharded_logits_match_full(name):
         for k, shard in enumerate(shards):
             local = y - 5 * k
             local = torch.where((local >= 0) & (local < 5), local, torch.full_like(local, -1))
-            parts.append(shard.logits_from_cos(shard.cosine(x), local, target_cos=cos_y))
+            norms = {"norms": x.norm(dim=1)} if shard.needs_embedding_norm else {}
+            parts.append(shard.logits_from_cos(shard.cosine(x), local, target_cos=cos_y, **norms))
         torch.testing.assert_close(torch.cat(parts, 1), expected, rtol=0, atol=1e-4)
         if name == "curricularface":
             assert full.t.item() != 0.0
@@ -284,7 +296,17 @@ def test_gradcheck_logits_from_cos(name):
     cos = (torch.rand(4, 5, dtype=torch.float64) * 1.8 - 0.9).requires_grad_(True)
     labels = torch.tensor([0, 3, -1, 4])
     target = torch.rand(4, dtype=torch.float64) * 1.8 - 0.9
-    assert torch.autograd.gradcheck(lambda c: head.logits_from_cos(c, labels, target_cos=target), (cos,))
+    if not head.needs_embedding_norm:
+        assert torch.autograd.gradcheck(lambda c: head.logits_from_cos(c, labels, target_cos=target), (cos,))
+        return
+    # inside MagFace's [l_a, u_a] and on both sides of AdaFace's running mean (20)
+    norms = torch.tensor([15.0, 30.0, 60.0, 95.0], dtype=torch.float64)
+    if name == "adaface":  # AdaFace detaches the norms (as released): cos alone
+        assert torch.autograd.gradcheck(lambda c: head.logits_from_cos(c, labels, target_cos=target, norms=norms), (cos,))
+        return
+    assert torch.autograd.gradcheck(  # MagFace: the gradient reaches the norms through the margin
+        lambda c, a: head.logits_from_cos(c, labels, target_cos=target, norms=a), (cos, norms.requires_grad_(True))
+    )
 
 
 @pytest.mark.parametrize(

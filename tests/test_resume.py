@@ -73,6 +73,9 @@ def assert_same_training_state(a: dict, b: dict) -> None:
         ("facenet", [1, 4], {}),
         # stopped exactly at the end of epoch 1, then mid-epoch 2; its adaptive t buffer must be restored
         ("curricularface", [4, 1], {}),
+        # AdaFace's running norm statistics, ElasticFace+'s margin draws (seed and counter) resume
+        ("adaface", [3], {}),
+        ("elasticface", [5], {"elastic_sort": True}),
     ],
 )
 def test_interrupted_run_resumed_from_latest_matches_uninterrupted_run(model, stops, extra, synth_train_dir, tmp_path):

@@ -93,9 +93,13 @@ def loss_options() -> list[inspect.Parameter]:
             by_key.setdefault(h.option, []).append((name, h))
     params = []
     for key, owners in by_key.items():
-        defaults = ", ".join(f"{n} {h.default:g}" for n, h in owners)
+        defaults = ", ".join(f"{n} {('on' if h.default else 'off') if h.switch else format(h.default, 'g')}" for n, h in owners)
         help_text = f"{owners[0][1].help} (default: {defaults})."
-        params.append(param(key, Optional[float], typer.Option(None, "--" + key.replace("_", "-"), help=help_text, show_default=False)))
+        flag = "--" + key.replace("_", "-")
+        if owners[0][1].switch:  # on/off: --elastic-sort / --no-elastic-sort
+            params.append(param(key, Optional[bool], typer.Option(None, f"{flag}/--no-{flag[2:]}", help=help_text, show_default=False)))
+        else:
+            params.append(param(key, Optional[float], typer.Option(None, flag, help=help_text, show_default=False)))
     return params
 
 

@@ -49,7 +49,7 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="allow", validate_assignment=False, allow_inf_nan=False)
 
-    model: str = setting(..., "Loss: sphereface, cosface, arcface, curricularface or facenet (and registered plugins).", choices="losses")
+    model: str = setting(..., "Loss: sphereface, cosface, arcface, curricularface, adaface, magface, elasticface or facenet (and registered plugins).", choices="losses")
     # data
     train_dir: str | None = setting(None, "Folder of identity folders, or of train.rec/train.idx (default: under the dataset root).", resume=True)
     identities_file: str | None = setting(None, "Train only on the identities listed in this file (e.g. LFW's peopleDevTrain.txt).", flag="identities")
@@ -70,6 +70,10 @@ class TrainConfig(BaseModel):
     pretrained: bool = setting(False, "Start the backbone from ImageNet weights.")
     embedding_dim: int | None = setting(None, "Embedding size (default: the loss's, 512; 128 for facenet).", ge=2)
     dropout: float = setting(0.0, "Dropout before the embedding layer.", ge=0, lt=1)
+    init_from: str | None = setting(
+        None, "Fine-tune: start the network from this facecli checkpoint (a run's latest.pt or best.pt) with a new head for this data's identities."
+    )
+    freeze_backbone_epochs: int = setting(0, "Fine-tune: train only the head and the embedding layer for the first N epochs (with --init-from).", ge=0)
     # optimisation
     epochs: int = setting(20, "Epochs to train (resume: the new total).", ge=1, resume=True)
     batch_size: int = setting(128, "Batch size per process (global batch = batch size x processes).", ge=1)
@@ -147,6 +151,8 @@ class TrainConfig(BaseModel):
             raise _FieldError("workers", "must be a non-negative integer or auto")
         if self.milestones is not None and any(not (m > 0) for m in self.milestones):
             raise _FieldError("milestones", "epochs must be positive")
+        if self.freeze_backbone_epochs and not self.init_from:
+            raise _FieldError("freeze_backbone_epochs", "applies to fine-tuning: give --init-from CKPT too")
         if self.sharded_head and not loss.shardable:
             raise _FieldError("sharded_head", f"applies to margin heads, not {self.model}")
         if not is_device_name(self.device):
@@ -170,6 +176,8 @@ class TrainConfig(BaseModel):
             value = extra.get(h.option)
             if value is None:
                 extra[h.option] = h.default
+            elif h.switch and isinstance(value, bool):
+                extra[h.option] = float(value)
             elif not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise _FieldError(h.option, "must be a number", got=value)
             elif (problem := h.range_problem(float(value))) is not None:
@@ -452,7 +460,7 @@ def _refuse_secrets(path: Path, data: dict) -> None:
             )
 
 
-PATH_KEYS = ("train_dir", "identities_file", "lfw_dir", "checkpoints_dir")
+PATH_KEYS = ("train_dir", "identities_file", "lfw_dir", "checkpoints_dir", "init_from")
 
 
 def absolute(path) -> str | None:

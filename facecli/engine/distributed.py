@@ -121,6 +121,15 @@ def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
     return t / dist.get_world_size()
 
 
+def sum_over_ranks(value: torch.Tensor) -> torch.Tensor:
+    """The sum of a tensor over all ranks, left on the device (for a loss's batch statistics)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    t = value.detach().clone()
+    dist.all_reduce(t)
+    return t
+
+
 def allreduce_sum_hook(process_group, bucket):  # no return annotation: DDP checks it and this module's are strings
     """DDP communication hook that sums gradients over ranks instead of averaging them (returns a Future).
 

@@ -23,6 +23,7 @@ from facecli.data.folders import read_identity_list
 from facecli.data.images import Preprocess
 from facecli.data.samplers import PKBatchSampler, ShuffledBatchSampler
 from facecli.engine import distributed as dist_utils
+from facecli.engine import finetune
 from facecli.engine.config import TrainConfig
 from facecli.engine.optim import Schedule, build_optimizer
 from facecli.errors import UserError
@@ -57,6 +58,7 @@ class RunParts:
     scaler: torch.amp.GradScaler
     margin_warmup_steps: int
     channels_last: bool  # images and weights in NHWC (cfg.channels_last; default: on CUDA)
+    init_from: dict | None = None  # where a fine-tuned network's starting weights came from
 
     @property
     def steps_per_epoch(self) -> int:
@@ -67,14 +69,18 @@ def build_parts(cfg: TrainConfig, world, device: torch.device, amp: torch.dtype 
     if cfg.decode == "gpu" and device.type != "cuda":
         raise UserError(f"--decode gpu needs a CUDA device; this run is on {device}.", hint="Use --decode cpu (the default).")
     torch.manual_seed(cfg.seed)
-    preprocess = _preprocess(cfg, resume_ckpt)
+    source = _fine_tuning_source(cfg, resume_ckpt)
+    preprocess = _preprocess(cfg, resume_ckpt, source)
     dataset = _dataset(cfg, preprocess, resume_ckpt, world, warn)
     classes = list(dataset.classes)
     loss_cls = LOSSES[cfg.model]
     net = EmbeddingNet(
-        cfg.backbone, cfg.embedding_dim, normalize=loss_cls.normalize_embeddings, pretrained=cfg.pretrained and not resume_ckpt,
+        cfg.backbone, cfg.embedding_dim, normalize=loss_cls.normalize_embeddings, pretrained=cfg.pretrained and not resume_ckpt and not source,
         dropout=cfg.dropout, image_size=cfg.image_size,
     )
+    if source is not None:
+        finetune.start_from(net, source)
+    init_from = finetune.provenance(source, cfg.init_from) if source is not None else (resume_ckpt or {}).get("init_from")
     head = _head(cfg, world, len(classes))
     if cfg.scale_warmup and cfg.margin_warmup_epochs > 0:
         set_warmup_scale(head, adacos_scale(len(classes)))
@@ -92,7 +98,17 @@ def build_parts(cfg: TrainConfig, world, device: torch.device, amp: torch.dtype 
     schedule = Schedule(cfg.scheduler, cfg.lr, cfg.epochs * spe, spe, cfg.warmup_epochs, cfg.milestones)
     scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
     warm = int(round(cfg.margin_warmup_epochs * spe))
-    return RunParts(preprocess, dataset, classes, net, head, model, sampler, optimizer, schedule, scaler, warm, channels_last)
+    return RunParts(preprocess, dataset, classes, net, head, model, sampler, optimizer, schedule, scaler, warm, channels_last, init_from)
+
+
+def _fine_tuning_source(cfg: TrainConfig, resume_ckpt: dict | None) -> dict | None:
+    """The checkpoint ``--init-from`` names, checked against this run's network (None when not
+    fine-tuning, or when resuming: the run's own checkpoint then holds the weights)."""
+    if not cfg.init_from or resume_ckpt:
+        return None
+    source = finetune.read_source(cfg.init_from)
+    finetune.check_compatible(source, cfg.init_from, cfg.backbone, cfg.embedding_dim, cfg.image_size, LOSSES[cfg.model].normalize_embeddings)
+    return source
 
 
 def adacos_scale(num_classes: int) -> float:
@@ -107,9 +123,11 @@ def set_warmup_scale(model: torch.nn.Module, scale: float) -> None:
             module.warmup_scale = scale
 
 
-def _preprocess(cfg: TrainConfig, resume_ckpt: dict | None) -> Preprocess:
+def _preprocess(cfg: TrainConfig, resume_ckpt: dict | None, source: dict | None = None) -> Preprocess:
     if resume_ckpt:
         return Preprocess.from_dict(resume_ckpt["preprocess"])
+    if source is not None:
+        return finetune.source_preprocess(source, cfg.image_size, cfg.crop_fraction)
     mean_std = IMAGENET_MEAN_STD if cfg.pretrained else ((0.5,) * 3, (0.5,) * 3)
     return Preprocess(cfg.image_size, cfg.crop_fraction, *mean_std)
 
@@ -156,8 +174,9 @@ def wrap_for_ddp(parts: RunParts, world, device: torch.device, sync_bn: bool) ->
         parts.model.net = DDP(convert(parts.net), device_ids=ids)
         parts.model.net.register_comm_hook(None, dist_utils.allreduce_sum_hook)
         return parts.model
-    if parts.head.needs_global_target_cosines:
-        parts.head.follow_global_batch(dist_utils.mean_over_ranks)
+    if parts.head.batch_statistics:
+        parts.head.follow_global_batch(dist_utils.sum_over_ranks)
+    parts.head.set_process_rank(world.rank)
     parts.model = convert(parts.model)
     return DDP(parts.model, device_ids=ids)
 

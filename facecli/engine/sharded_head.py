@@ -7,9 +7,10 @@ rank r holds only classes ``[start_r, end_r)`` (a near-equal split) and:
 1. all-gathers the embeddings and labels of the global batch (the gather's backward sums
    the embedding gradients of all ranks and returns this rank's rows);
 2. computes its (B_global, C_r) cosines in float32 and its logits with the unsharded
-   head's own ``logits_from_cos`` (labels outside the shard are -1; CurricularFace gets the
-   global target cosines so its ``t`` update, a mean over the global batch, is the same on
-   every rank);
+   head's own ``logits_from_cos`` (labels outside the shard are -1; a head that
+   ``needs_global_target_cosines`` gets them, so CurricularFace's ``t`` update, a mean over
+   the global batch, is the same on every rank; a head that ``needs_embedding_norm`` gets the
+   gathered rows' norms, so AdaFace's statistics are the global batch's on every rank);
 3. combines the softmax across ranks: the row maximum by an all-reduce MAX (detached), the
    sum of exponentials and the target logit by all-reduce SUMs whose backward is the
    identity (the loss is replicated: each rank back-propagates its own addends).
@@ -181,7 +182,8 @@ class ShardedMarginHead(nn.Module):
                 own = cos.gather(1, local_y.clamp_min(0).unsqueeze(1)).squeeze(1)
                 target_cos = torch.where(mine, own, torch.zeros_like(own))
                 dist.all_reduce(target_cos)
-        logits = self.local.logits_from_cos(cos, local_y, target_cos=target_cos)
+        norms = self.local.embedding_norms(emb) if self.local.needs_embedding_norm else None
+        logits = self.local.logits_from_cos(cos, local_y, target_cos=target_cos, norms=norms)
 
         with torch.no_grad():
             top = logits.max(dim=1).values
@@ -189,7 +191,18 @@ class ShardedMarginHead(nn.Module):
         sum_exp = _SumOverRanks.apply(torch.exp(logits - top.unsqueeze(1)).sum(dim=1))
         picked = logits.gather(1, local_y.clamp_min(0).unsqueeze(1)).squeeze(1)
         target = _SumOverRanks.apply(torch.where(mine, picked, torch.zeros_like(picked)))
-        return (torch.log(sum_exp) + top - target).mean()
+        loss = (torch.log(sum_exp) + top - target).mean()
+        return loss + self._norm_penalty(embeddings, len(y))
+
+    def _norm_penalty(self, embeddings: Tensor, total: int) -> Tensor | float:
+        """The head's per-row ``norm_penalty`` (MagFace's g) averaged over the global batch. Each
+        rank adds its own rows' terms (on its un-gathered embeddings: their gradient counted once)."""
+        if not self.local.needs_embedding_norm:
+            return 0.0
+        mine = self.local.norm_penalty(self.local.embedding_norms(embeddings))
+        if mine is None:
+            return 0.0
+        return _SumOverRanks.apply(mine.sum()) / total
 
     def loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         return self(embeddings, labels)

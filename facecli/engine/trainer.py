@@ -47,6 +47,7 @@ from facecli.engine.config import TrainConfig, with_absolute_paths
 from facecli.engine.device import configure_backends, memory_report, resolve_device
 from facecli.engine.hooks import HookContext, Hooks, default_hooks
 from facecli.engine.step import DeviceStats, Interval, StepRunner
+from facecli.engine.finetune import BackboneFreeze
 from facecli.engine.setup import bare_net, build_parts, wrap_for_ddp
 from facecli.engine.state import TrainState
 from facecli.engine.tracking import MetricsFile, Tracker, scrub
@@ -93,6 +94,9 @@ class Trainer:
         if resume_from and self.resume_ckpt is None:
             self.resume_ckpt = load_checkpoint(resume_from, expect_model=cfg.model)
         self.parts = build_parts(cfg, self.world, self.device, self.amp_dtype, self.resume_ckpt, warn)
+        if cfg.freeze_backbone_epochs and self.world.distributed:
+            raise UserError("--freeze-backbone-epochs trains in one process for now (DDP fixes the trained parameters when it starts).", hint="Fine-tune without torchrun, or without freezing.")
+        self.freeze = BackboneFreeze(self.parts.net, cfg.freeze_backbone_epochs)
         self.state = TrainState()
         if self.resume_ckpt:
             self._restore(self.resume_ckpt)
@@ -199,6 +203,7 @@ class Trainer:
             steps_per_epoch=parts.steps_per_epoch,
             rng=rng,
             world_size=self.world.world_size,
+            init_from=parts.init_from,
             **self.state.to_checkpoint(),
         )
 
@@ -223,6 +228,7 @@ class Trainer:
             "world_size": self.world.world_size,
             "device": str(self.device),
             "amp_dtype": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "float32",
+            "init_from": parts.init_from,  # fine-tuning: where the starting weights came from
         }
         runs.write_run_record(self.run_dir, self.cfg, record)
 
@@ -336,6 +342,7 @@ class Trainer:
         if min(sizes) < 2:  # a batch that lost its images to decode errors: every rank skips it
             self.stats.skip(n)
         else:
+            self.freeze.apply(s.epoch)
             try:
                 loss, bad = self.runner(images, labels, s.step, sizes)
             except torch.OutOfMemoryError as e:

@@ -100,7 +100,8 @@ def embed_files(
     emb = model.embed_dataset(_Files(files, keys, model.preprocess, landmarks), device, flip, batch_size, workers, advance)
     problems = problems + emb.bad
     ok = emb.ok
-    return EmbedResult([f for f, good in zip(files, ok) if good], emb.vectors[ok].astype(np.float32), problems, emb.forward_passes)
+    return EmbedResult([f for f, good in zip(files, ok) if good], emb.vectors[ok].astype(np.float32), problems, emb.forward_passes,
+                       columns={"quality": emb.quality[ok]})
 
 
 def _embeddings_bytes(result: EmbedResult, suffix: str) -> bytes:
@@ -150,7 +151,7 @@ def embed_detected(model, paths, device, flip, batch_size, workers, detector, la
         warn(no_face_note(found))
     if not found.records:
         raise UserError(f"No face found in any of the {found.photos} photo(s).", hint="Try --detector mmod (turned or small faces), or give face crops without --detect.")
-    return EmbedResult([r.source for r in found.records], found.embeddings, problems + found.problems, columns=found.columns())
+    return EmbedResult([r.source for r in found.records], found.embeddings, problems + found.problems, columns={**found.columns(), "quality": found.quality})
 
 
 def embed_checked(model, paths, device, flip, batch_size, workers, checker, progress) -> EmbedResult:
@@ -162,7 +163,7 @@ def embed_checked(model, paths, device, flip, batch_size, workers, checker, prog
     if found.no_face:
         raise UserError(no_face_note(found).capitalize() + "; same/different is not decided.",
                         hint="Give photos of faces (or --no-face-check to compare them anyway).")
-    return EmbedResult([r.source for r in found.records], found.embeddings, problems + found.problems)
+    return EmbedResult([r.source for r in found.records], found.embeddings, problems + found.problems, columns={"quality": found.quality})
 
 
 def check_output(out: Path, overwrite: bool) -> Path:
@@ -175,7 +176,7 @@ def check_output(out: Path, overwrite: bool) -> Path:
 
 
 def run_embed(checkpoint, paths, out, compare, landmarks, flip, batch_size, device, workers, progress, detector=None, largest=False,
-              checker=None, overwrite: bool = False) -> int:
+              checker=None, overwrite: bool = False, min_quality: float | None = None) -> int:
     """The ``embed`` command's work; returns the exit status (1 if any image was unreadable).
 
     ``checkpoint`` may be a ``.pt`` checkpoint or a facecli ``.onnx`` export; with a
@@ -197,15 +198,17 @@ def run_embed(checkpoint, paths, out, compare, landmarks, flip, batch_size, devi
     for problem in result.problems:
         warn(f"skipped {problem}")
     if compare:
-        compare_two(result, model, checkpoint)
+        compare_two(result, model, checkpoint, min_quality)
     else:
         write_embeddings(result, target)
         console.print(f"Wrote {len(result.paths)} embeddings ({result.embeddings.shape[1]}-d) to {target}", markup=False)
     return 1 if result.problems else 0
 
 
-def compare_two(result: EmbedResult, model, checkpoint) -> None:
-    """Print the similarity of two faces and same/different at the model's verification threshold."""
+def compare_two(result: EmbedResult, model, checkpoint, min_quality: float | None = None) -> None:
+    """Print the similarity of two faces, their quality, and same/different at the model's
+    verification threshold ("low quality", no decision, when a face is below ``min_quality``)."""
+    from facecli.evaluation.quality import quality_problem, verdict
     from facecli.ui import console
 
     if len(result.paths) != 2:
@@ -217,5 +220,10 @@ def compare_two(result: EmbedResult, model, checkpoint) -> None:
             f"{checkpoint} stores no verification threshold, so same/different cannot be decided.",
             hint=f"Run `facecli tune-threshold {checkpoint} --save` first.",
         )
-    verdict = "same" if similarity >= model.threshold else "different"
-    console.print(f"{verdict} (threshold {model.threshold:.4f})", markup=False)
+    quality = result.columns.get("quality")
+    if min_quality is not None and quality_problem(model.model):
+        raise UserError(quality_problem(model.model), hint="Drop --min-quality for this model.")
+    if quality is not None:
+        console.print(f"quality: {float(quality[0]):.2f}, {float(quality[1]):.2f}", markup=False)
+    decision = verdict(similarity, model.threshold, [] if quality is None else quality, min_quality)
+    console.print(f"{decision} (threshold {model.threshold:.4f}" + ("" if min_quality is None else f", min quality {min_quality:g}") + ")", markup=False)

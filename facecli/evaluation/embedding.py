@@ -27,6 +27,9 @@ class Embeddings:
     forward_passes: int
     bad: list[str] = field(default_factory=list)
     ok: np.ndarray | None = None  # (N,) bool: the image was decoded
+    # (N,) float32: each image's feature norm before L2 normalisation (the mean of f(x) and
+    # f(flip x) with flip), MagFace's / AdaFace's quality score; NaN where unreadable.
+    quality: np.ndarray | None = None
 
 
 def _autocast_dtype(device: torch.device, amp: bool = True) -> torch.dtype | None:
@@ -90,6 +93,7 @@ def embed_dataset(
     net.eval()
     dim = None
     out: np.ndarray | None = None
+    quality = np.full(n, np.nan, dtype=np.float32)
     ok = np.zeros(n, dtype=bool)
     bad: list[str] = []
     passes = 0
@@ -102,14 +106,15 @@ def embed_dataset(
         for images, index, reasons in DataLoader(dataset, **loader_kwargs):
             bad.extend(reasons)
             if images.shape[0]:
-                z, chunk = embed_batch(net, images, preprocess, device, dtype, flip, chunk, normalize=normalize)
+                raw, chunk = embed_batch(net, images, preprocess, device, dtype, flip, chunk, normalize=False)
                 passes += images.shape[0] * (2 if flip else 1)
-                z = z.cpu().numpy()
+                z = (F.normalize(raw, dim=1) if normalize else raw).cpu().numpy()
                 if out is None:
                     dim = z.shape[1]
                     out = np.full((n, dim), np.nan, dtype=np.float32)
                 idx = index.numpy()
                 out[idx] = z
+                quality[idx] = (raw.norm(dim=1) / (2 if flip else 1)).cpu().numpy()
                 ok[idx] = True
             if progress:
                 progress(len(index) + len(reasons))
@@ -117,7 +122,7 @@ def embed_dataset(
         net.train(was_training)
     if out is None:
         out = np.full((n, 1), np.nan, dtype=np.float32)
-    return Embeddings(vectors=out, forward_passes=passes, bad=bad, ok=ok)
+    return Embeddings(vectors=out, forward_passes=passes, bad=bad, ok=ok, quality=quality)
 
 
 def embed_paths(

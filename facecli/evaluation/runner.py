@@ -20,6 +20,7 @@ from facecli.data.lfw import PairSet, find_image_root, read_pairs
 from facecli.errors import ImageError, UserError
 from facecli.evaluation.embedding import Embedder, pair_scores
 from facecli.evaluation.protocol import VerificationReport, best_threshold, threshold_curve, verify
+from facecli.evaluation.quality import pair_quality
 
 ProgressFactory = Callable[[str, int], Callable[[int], None]] | None
 
@@ -37,6 +38,8 @@ class PairEvaluation:
     seconds: float
     missing: int = 0
     bad: list[str] = field(default_factory=list)
+    # (P,) each pair's quality: its worse face's feature norm (for the error-versus-reject curve)
+    pair_quality: np.ndarray | None = None
 
     def to_dict(self) -> dict:
         d = self.report.to_dict()
@@ -83,7 +86,8 @@ def _scores_for(pair_set: PairSet, embedder: Embedder, progress: ProgressFactory
             f"{len(emb.bad)} image(s) referenced by {pair_set.source} could not be decoded, e.g. {emb.bad[0]}.",
             hint="Fix or replace them; evaluation never runs on a partial set silently.",
         )
-    return pair_scores(emb.vectors, pair_set.index_a, pair_set.index_b), emb.forward_passes
+    quality = pair_quality(emb.quality, pair_set.index_a, pair_set.index_b) if emb.quality is not None else None
+    return pair_scores(emb.vectors, pair_set.index_a, pair_set.index_b), emb.forward_passes, quality
 
 
 def evaluate_pair_set(embedder: Embedder, pair_set: PairSet, progress: ProgressFactory = None, name: str = "LFW") -> PairEvaluation:
@@ -96,10 +100,11 @@ def evaluate_pair_set(embedder: Embedder, pair_set: PairSet, progress: ProgressF
             hint="Use `facecli tune-threshold --pairs pairsDevTrain.txt --test-pairs pairsDevTest.txt`, or pairs.txt here.",
         )
     t0 = time.perf_counter()
-    scores, passes = _scores_for(pair_set, embedder, progress, name)
+    scores, passes, quality = _scores_for(pair_set, embedder, progress, name)
     report = verify(scores, pair_set.issame, folds=pair_set.folds, fold_of_pair=pair_set.fold_of_pair)
     return PairEvaluation(
-        name, report, scores, np.asarray(pair_set.issame), len(pair_set.unique_images), passes, time.perf_counter() - t0, pair_set.missing
+        name, report, scores, np.asarray(pair_set.issame), len(pair_set.unique_images), passes, time.perf_counter() - t0, pair_set.missing,
+        pair_quality=quality,
     )
 
 
