@@ -47,9 +47,8 @@ class Continuation:
 
 
 def run_to_continue(cfg) -> Continuation | None:
-    """After a torchrun restart, the run this command started (None: nothing to continue)."""
-    if restart_count() == 0:
-        return None
+    """After a torchrun restart (the caller knows one happened), the run this command started
+    (None: nothing to continue)."""
     run_dir = _find_run_dir(Path(cfg.checkpoints_dir) / cfg.model, cfg.run_name)
     if run_dir is None:
         return None

@@ -145,7 +145,10 @@ class Trainer:
     def _continue_after_restart(self, cfg: TrainConfig) -> Path | None:
         """After a torchrun restart (``--max-restarts``): the latest.pt of the run this command
         started, to continue from (:mod:`facecli.engine.elastic`); rank 0 decides for all."""
-        if elastic.restart_count() == 0:
+        restarts = elastic.restart_count()
+        if self.world.distributed:  # agents on other nodes may count the restart differently
+            restarts = max(dist_utils.gather_objects(restarts, self.world))
+        if restarts == 0:
             return None
         found, error = None, None
         if self.world.is_main:
