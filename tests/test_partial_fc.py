@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -176,3 +177,80 @@ def test_sharded_sampled_run_under_two_processes_lowers_its_loss(synth_root, tmp
     assert len(epochs) == 2 and epochs[1] < epochs[0], epochs
     final = _load(run / "latest.pt")
     assert final["head_state"]["weight"].shape == (12, 32) and final["train_config"]["sample_rate"] == 0.1
+
+
+def test_sharded_sampled_head_equals_explicit_reference():
+    """2 gloo ranks, each sampling its own shard: loss and gradients of the reference head
+    built from the union of both ranks' sampled classes (all four heads)."""
+    import test_distributed as td
+
+    old = td.HERE
+    td.HERE = Path(__file__).resolve()  # run this file as the workers' script
+    try:
+        outs = td._two_workers("sharded-reference")
+    finally:
+        td.HERE = old
+    for out in outs:
+        assert "PFC-SHARDED-OK 8" in out, out  # 4 heads x 2 rates compared on each rank
+
+
+def _sharded_reference_worker() -> None:
+    import torch.distributed as dist
+
+    import facecli.engine.sharded_head as sh
+    from facecli.engine.distributed import World
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    world = World(rank, 2, rank)
+    emb, labels = _batch(2)
+    lo, hi = (0, 5) if rank == 0 else (5, B)  # unequal per-rank batches
+    checked = 0
+    for name in ("cosface", "arcface", "sphereface", "curricularface"):
+        for rate in (0.4, 0.1):
+            torch.manual_seed(11)
+            ref_full = build_head(name, D, C, scale=16.0)
+            head = sh.ShardedMarginHead(name, D, C, world, scale=16.0)
+            head.load_full_state_dict(ref_full.state_dict())
+            head.sample_classes(rate, seed=9)
+            head.train()
+            head.start_step(4)
+            mine = emb[lo:hi].clone().requires_grad_(True)
+            loss = head.loss(mine, labels[lo:hi])
+            loss.backward()
+            sample = head.sample
+            local = sample.index if sample.keep is None else sample.index[sample.keep]
+            positives = {y for y in labels.tolist() if head.start <= y < head.end}
+            assert len(local) == max(len(positives), math.ceil(rate * (head.end - head.start)))
+            kept_parts = [None, None]
+            dist.all_gather_object(kept_parts, (local + head.start).tolist())
+            kept = kept_parts[0] + kept_parts[1]
+            assert set(labels.tolist()) <= set(kept)
+
+            ref = build_head(name, D, len(kept), scale=16.0).train()
+            with torch.no_grad():
+                ref.weight.copy_(ref_full.weight[kept])
+            x_ref = emb.clone().requires_grad_(True)
+            cols = torch.tensor([kept.index(y) for y in labels.tolist()])
+            ref_loss = F.cross_entropy(ref(x_ref, cols), cols)
+            ref_loss.backward()
+            torch.testing.assert_close(loss, ref_loss.detach(), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(mine.grad, x_ref.grad[lo:hi], rtol=1e-4, atol=1e-6)
+            rows_grad = sample.rows.grad if sample.keep is None else sample.rows.grad[sample.keep]
+            offset = 0 if rank == 0 else len(kept_parts[0])
+            torch.testing.assert_close(rows_grad, ref.weight.grad[offset : offset + len(local)], rtol=1e-4, atol=1e-6)
+            if name == "curricularface":
+                torch.testing.assert_close(head.local.t, ref.t)
+            checked += 1
+    print(f"PFC-SHARDED-OK {checked}")
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    if sys.argv[1] == "sharded-reference":
+        _sharded_reference_worker()
+    else:
+        raise SystemExit(f"unknown worker mode {sys.argv[1]!r}")
