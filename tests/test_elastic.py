@@ -13,8 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from conftest import cli, one_line_error
 from test_distributed import _assert_same_training_state, _env, _load, _tiny, _torchrun
 
