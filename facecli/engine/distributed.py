@@ -76,10 +76,12 @@ def _restart_store(rank: int, world_size: int, timeout: timedelta) -> dict:
 
     torchrun keeps one rendezvous store across restarts (TCP store sharing), so the restarted
     group would read the dead group's connection keys (gloo: "Connection refused"; NCCL: a
-    stale unique id). Prefixing them with the restart count keeps each attempt's apart.
+    stale unique id). Prefixing them with the restart count keeps each attempt's apart. (With
+    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` every attempt gets a fresh store and no prefix is
+    needed: the way for several nodes, whose agents may count a restart differently.)
     """
     restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    if restart in ("", "0"):
+    if restart in ("", "0") or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return {}
     store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size, timeout=timeout))
     return {"store": dist.PrefixStore(f"facecli/restart_{restart}", store), "rank": rank, "world_size": world_size}
