@@ -292,6 +292,16 @@ class Loss(nn.Module):
     def set_margin_weight(self, weight: float) -> None:
         """Share of the margin to apply (margin warm-up); losses without a margin ignore it."""
 
+    def start_step(self, step: int) -> None:
+        """Called before the forward of training step ``step`` (0-based, global): a loss that
+        draws at random per step (Partial FC's class sampling) seeds its draw from it, so a
+        resumed run draws what the uninterrupted one drew."""
+
+    def optimizer_rows(self, optimizer: torch.optim.Optimizer):
+        """Context around the optimizer update after ``backward``: a loss that computed only
+        some rows of its weights (Partial FC) hands the optimizer just those rows there."""
+        return contextlib.nullcontext()
+
 
 class MarginHead(Loss):
     """Normalised linear classifier whose target logit gets an angular or additive margin.
@@ -348,18 +358,20 @@ class MarginHead(Loss):
         return torch.func.jvp(self._target, (cos_y,), (torch.ones_like(cos_y),))
 
     # -- shared pipeline ---------------------------------------------------------------------
-    def _raw_cosine(self, embeddings: Tensor) -> Tensor:
-        """float32 cosines (B, C), not clamped (|cos| may exceed 1 by rounding)."""
+    def _raw_cosine(self, embeddings: Tensor, weight: Tensor | None = None) -> Tensor:
+        """float32 cosines (B, C), not clamped (|cos| may exceed 1 by rounding); against
+        ``weight`` (rows of class weights, Partial FC's sampled classes) instead of all classes if given."""
         if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_dim:
             raise ValueError(
                 f"{self.name}: expected embeddings of shape (B, {self.embedding_dim}), got {tuple(embeddings.shape)}"
             )
         with _no_autocast(embeddings.device):
-            return F.linear(F.normalize(embeddings.float(), dim=1), F.normalize(self.weight.float(), dim=1))
+            w = self.weight if weight is None else weight
+            return F.linear(F.normalize(embeddings.float(), dim=1), F.normalize(w.float(), dim=1))
 
-    def cosine(self, embeddings: Tensor) -> Tensor:
-        """float32 cosines (B, C) between embeddings and class weights, clamped to [-1, 1]."""
-        return self._raw_cosine(embeddings).clamp(-1.0, 1.0)
+    def cosine(self, embeddings: Tensor, weight: Tensor | None = None) -> Tensor:
+        """float32 cosines (B, C) between embeddings and class weights (or ``weight``'s rows), clamped to [-1, 1]."""
+        return self._raw_cosine(embeddings, weight).clamp(-1.0, 1.0)
 
     def embedding_norms(self, embeddings: Tensor) -> Tensor:
         """float32 L2 norms (B,) of the un-normalised embeddings, with their gradient."""

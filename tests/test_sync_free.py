@@ -23,7 +23,7 @@ SYNC_OPS = {"aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "aten
 STEPS = 30
 
 
-def _profile_counts(train_dir: str, out: str, sharded: bool = False) -> dict:
+def _profile_counts(train_dir: str, out: str, sharded: bool = False, sample_rate: float = 1.0) -> dict:
     """Run 30 steps under the profiler; count sync ops inside steps but outside the named reads."""
     import torch
 
@@ -36,6 +36,7 @@ def _profile_counts(train_dir: str, out: str, sharded: bool = False) -> dict:
         model="curricularface" if sharded else "arcface", train_dir=train_dir, backbone="resnet18", image_size=32, batch_size=2,
         epochs=1, workers=0, device="cpu", checkpoints_dir=out, run_name="p", eval=False, wandb=False, log_every=10, lr=0.01,
         sharded_head=sharded, clip_grad_norm=5.0, scale_warmup=True,  # both run on the device too
+        sample_rate=sample_rate,
     )
     trainer = Trainer(cfg, log=lambda m: None, warn=lambda m: None)
     assert trainer.steps_per_epoch > STEPS  # no epoch end (saves, checks) inside the window
@@ -88,6 +89,12 @@ def data(tmp_path_factory) -> str:
 
 def test_one_process_step_reads_nothing_between_logging_points(data, tmp_path):
     counts = _profile_counts(data, str(tmp_path))
+    assert _problems(counts) == [], counts
+
+
+def test_partial_fc_sampling_reads_nothing_between_logging_points(data, tmp_path):
+    # 20 classes at rate 0.05: 1 class by the rate, 2 drawn for a batch of 2, the surplus masked on the device
+    counts = _profile_counts(data, str(tmp_path), sample_rate=0.05)
     assert _problems(counts) == [], counts
 
 

@@ -102,6 +102,9 @@ class TrainConfig(BaseModel):
     compile: bool = setting(False, "torch.compile the model.")
     sync_bn: bool = setting(False, "Under DDP, BatchNorm statistics over the global batch (default: per process, as large-scale trainers run).")
     sharded_head: bool = setting(False, "Under DDP, split the class weights across processes (Partial FC style).")
+    sample_rate: float = setting(
+        1.0, "Partial FC: each step, compute logits for the batch's classes plus random others, ceil(R x classes) per process in all (1: every class).", gt=0, le=1
+    )
     # run
     run_name: str | None = setting(None, "Run directory name (default: a timestamp).")
     checkpoints_dir: str = setting("checkpoints", "Where runs are written (default: CHECKPOINTS_DIR or ./checkpoints).", resume=True)
@@ -155,6 +158,8 @@ class TrainConfig(BaseModel):
             raise _FieldError("freeze_backbone_epochs", "applies to fine-tuning: give --init-from CKPT too")
         if self.sharded_head and not loss.shardable:
             raise _FieldError("sharded_head", f"applies to margin heads, not {self.model}")
+        if self.sample_rate < 1 and not loss.shardable:
+            raise _FieldError("sample_rate", f"samples the classes of a margin head; {self.model} has no class weights")
         if not is_device_name(self.device):
             raise _FieldError("device", f": Unknown device {shorten(repr(self.device))}. Use {DEVICE_HELP}", got=None)
         self._resolve_loss_options(loss)

@@ -65,9 +65,26 @@ def init(device: torch.device | str) -> World:
             torch.cuda.set_device(index)
             if kwargs["backend"] == "nccl":
                 kwargs["device_id"] = torch.device("cuda", index)
+        kwargs.update(_restart_store(rank, world_size, kwargs["timeout"]))
         dist.init_process_group(**kwargs)
     host = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
     return World(rank=rank, world_size=world_size, local_rank=local_rank, local_world_size=local_world, host_group=host)
+
+
+def _restart_store(rank: int, world_size: int, timeout: timedelta) -> dict:
+    """After a torchrun restart, the process group's store under a prefix of its own.
+
+    torchrun keeps one rendezvous store across restarts (TCP store sharing), so the restarted
+    group would read the dead group's connection keys (gloo: "Connection refused"; NCCL: a
+    stale unique id). Prefixing them with the restart count keeps each attempt's apart. (With
+    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` every attempt gets a fresh store and no prefix is
+    needed: the way for several nodes, whose agents may count a restart differently.)
+    """
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if restart in ("", "0") or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size, timeout=timeout))
+    return {"store": dist.PrefixStore(f"facecli/restart_{restart}", store), "rank": rank, "world_size": world_size}
 
 
 def barrier(world: World) -> None:

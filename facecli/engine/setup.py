@@ -146,8 +146,18 @@ def _head(cfg: TrainConfig, world, num_classes: int) -> Loss:
     if cfg.sharded_head and world.distributed:
         from facecli.engine.sharded_head import ShardedMarginHead
 
-        return ShardedMarginHead(cfg.model, cfg.embedding_dim, num_classes, world, **cfg.loss_hparams())
-    return build_loss(cfg.model, cfg.embedding_dim, num_classes, **cfg.loss_hparams())
+        head = ShardedMarginHead(cfg.model, cfg.embedding_dim, num_classes, world, **cfg.loss_hparams())
+        if cfg.sample_rate < 1:
+            head.sample_classes(cfg.sample_rate, cfg.seed)
+        return head
+    head = build_loss(cfg.model, cfg.embedding_dim, num_classes, **cfg.loss_hparams())
+    if cfg.sample_rate >= 1:
+        return head
+    if world.distributed:  # every rank would hold (and sample) all the classes: shard them instead
+        raise UserError("--sample-rate below 1 under torchrun needs --sharded-head.", hint="Add --sharded-head (each process then samples its own classes).")
+    from facecli.engine.partial_fc import SampledMarginHead
+
+    return SampledMarginHead(head, cfg.sample_rate, cfg.seed)
 
 
 def _sampler(cfg: TrainConfig, dataset, world, layout: str):

@@ -114,6 +114,8 @@ class ShardedMarginHead(nn.Module):
     sharded = True
     shardable = True
     batch_sizes: tuple[int, ...] | None = None  # every rank's batch of the next forward, if known
+    sampler = None  # Partial FC's ClassSampler (sample_classes), or None: every class every step
+    sample = None  # the sampled rows of the last training forward, until the update
 
     def __init__(self, name: str, embedding_dim: int, num_classes: int, world: World, **hparams):
         super().__init__()
@@ -173,9 +175,9 @@ class ShardedMarginHead(nn.Module):
         emb = _GatherRows.apply(embeddings.float(), sizes, self.world.rank)
         y = _all_gather_rows(labels.to(device=device, dtype=torch.long), sizes)
 
-        cos = self.local.cosine(emb)  # float32 (B, C_r), autocast off
         mine = (y >= self.start) & (y < self.end)
         local_y = torch.where(mine, y - self.start, torch.full_like(y, -1))
+        cos, local_y = self._cosines(emb, local_y)  # float32 (B, C_r or sampled), autocast off
         target_cos = None
         if self.local.needs_global_target_cosines:
             with torch.no_grad():
@@ -183,7 +185,7 @@ class ShardedMarginHead(nn.Module):
                 target_cos = torch.where(mine, own, torch.zeros_like(own))
                 dist.all_reduce(target_cos)
         norms = self.local.embedding_norms(emb) if self.local.needs_embedding_norm else None
-        logits = self.local.logits_from_cos(cos, local_y, target_cos=target_cos, norms=norms)
+        logits = self._unsampled_out(self.local.logits_from_cos(cos, local_y, target_cos=target_cos, norms=norms))
 
         with torch.no_grad():
             top = logits.max(dim=1).values
@@ -206,6 +208,42 @@ class ShardedMarginHead(nn.Module):
 
     def loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         return self(embeddings, labels)
+
+    # ------------------------------------------------------------------ Partial FC sampling
+    def sample_classes(self, rate: float, seed: int) -> None:
+        """From now on, training steps compute only a sample of this rank's classes
+        (:mod:`facecli.engine.partial_fc`; seeded per rank and step)."""
+        from facecli.engine.partial_fc import ClassSampler
+
+        self.sampler = ClassSampler(rate, self.end - self.start, seed, self.world.rank)
+
+    def start_step(self, step: int) -> None:
+        if self.sampler is not None:
+            self.sampler.step = step
+
+    def _cosines(self, emb: Tensor, local_y: Tensor) -> tuple[Tensor, Tensor]:
+        """Cosines with this rank's classes, or its sampled ones with the labels as their columns."""
+        if self.sampler is None or not (self.training and torch.is_grad_enabled()):
+            self.sample = None
+            return self.local.cosine(emb), local_y
+        from facecli.engine.partial_fc import draw_sample
+
+        self.sample, columns = draw_sample(self.sampler, self.local.weight, local_y)
+        return self.local.cosine(emb, self.sample.rows), columns
+
+    def _unsampled_out(self, logits: Tensor) -> Tensor:
+        if self.sample is None:
+            return logits
+        from facecli.engine.partial_fc import mask_unsampled
+
+        return mask_unsampled(logits, self.sample)
+
+    def optimizer_rows(self, optimizer: torch.optim.Optimizer):
+        """Around the update: the optimizer sees only the sampled rows (see ``partial_fc.sampled_rows``)."""
+        from facecli.engine.partial_fc import sampled_rows
+
+        sample, self.sample = self.sample, None
+        return sampled_rows(self.local.weight, optimizer, sample)
 
     def _gather_sizes(self, embeddings: Tensor) -> tuple[int, ...]:
         """Every rank's batch size, read from the device (the trainer passes ``batch_sizes``

@@ -144,7 +144,8 @@ class StepRunner:
         """One step; returns (the global-batch loss, whether the update was skipped), both on the device."""
         loss, global_loss = self.forward(images, labels, step, sizes)
         self.parts.scaler.scale(loss).backward()
-        return global_loss, self._update(global_loss)
+        with self.parts.head.optimizer_rows(self.parts.optimizer):  # Partial FC: only the sampled rows
+            return global_loss, self._update(global_loss)
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor, step: int, sizes: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """The step's forward half: (this process's loss to differentiate, the global-batch loss, detached)."""
@@ -153,6 +154,7 @@ class StepRunner:
         opt = self.parts.optimizer
         self.parts.schedule.apply(opt, step)
         self._set_margin_weight(step)
+        self.parts.head.start_step(step)
         opt.zero_grad(set_to_none=True)
         if self.parts.head.sharded:
             self.parts.head.batch_sizes = sizes  # known on the host: no gather of sizes in the forward

@@ -40,7 +40,7 @@ from facecli.data.device_decode import to_device_batch
 from facecli.data.folders import collate_samples
 from facecli.data.workers import resolve_workers
 from facecli.engine import distributed as dist_utils
-from facecli.engine import runs, stops
+from facecli.engine import elastic, runs, stops
 from facecli.engine.checkpoint import load_checkpoint, new_checkpoint
 from facecli.engine.checkpoint_manager import CheckpointManager, capture_rng, restore_rng
 from facecli.engine.config import TrainConfig, with_absolute_paths
@@ -91,6 +91,8 @@ class Trainer:
         self.amp_dtype = amp_dtype(self.device, cfg.amp, cfg.amp_dtype)
         # ``resume_checkpoint``: the dict of ``resume_from`` when the caller has read it already.
         self.resume_ckpt = resume_checkpoint
+        if resume_from is None and resume_checkpoint is None:
+            resume_from = self._continue_after_restart(cfg)
         if resume_from and self.resume_ckpt is None:
             self.resume_ckpt = load_checkpoint(resume_from, expect_model=cfg.model)
         self.parts = build_parts(cfg, self.world, self.device, self.amp_dtype, self.resume_ckpt, warn)
@@ -143,6 +145,29 @@ class Trainer:
             device = resolve_device(f"cuda:{dist_utils.local_device_index(world.local_rank)}")
         configure_backends(device)
         return device, world
+
+    def _continue_after_restart(self, cfg: TrainConfig) -> Path | None:
+        """After a torchrun restart (``--max-restarts``): the latest.pt of the run this command
+        started, to continue from (:mod:`facecli.engine.elastic`); rank 0 decides for all."""
+        restarts = elastic.restart_count()
+        if self.world.distributed:  # agents on other nodes may count the restart differently
+            restarts = max(dist_utils.gather_objects(restarts, self.world))
+        if restarts == 0:
+            return None
+        found, error = None, None
+        if self.world.is_main:
+            try:
+                found = elastic.run_to_continue(cfg)
+            except UserError as e:
+                error = (e.message, e.hint)
+        found, error = dist_utils.broadcast_object((found, error), self.world)
+        if error:
+            raise UserError(error[0], hint=error[1])
+        if found is None:
+            return None
+        if found.checkpoint is None:  # lost before its first checkpoint: the same run starts again
+            cfg.run_name = found.run_dir.name
+        return found.checkpoint
 
     def _run_location(self, resume_from: Path | None) -> tuple[Path, str]:
         if resume_from:
@@ -226,6 +251,7 @@ class Trainer:
             "dataset": parts.dataset.describe(),
             "preprocess": parts.preprocess.to_dict(),
             "world_size": self.world.world_size,
+            **({"elastic_job_id": elastic.job_id()} if elastic.job_id() else {}),  # found again after a torchrun restart
             "device": str(self.device),
             "amp_dtype": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "float32",
             "init_from": parts.init_from,  # fine-tuning: where the starting weights came from
