@@ -254,3 +254,20 @@ if __name__ == "__main__":
         _sharded_reference_worker()
     else:
         raise SystemExit(f"unknown worker mode {sys.argv[1]!r}")
+
+
+@pytest.mark.parametrize("name", ["adaface", "magface"])
+def test_sampling_every_class_is_the_full_head_for_norm_reading_heads(name):
+    """With every class drawn, the sampled loss and gradients are the full head's: the
+    embedding norms (AdaFace's margin, MagFace's margin and its penalty g(a)) reach the head."""
+    emb, labels = _batch(3)
+    emb = (emb * 20).requires_grad_()  # norms inside MagFace's [l_a, u_a]
+    full = build_head(name, D, C)
+    sampled = SampledMarginHead(copy.deepcopy(full), (C - 0.5) / C, seed=0)  # ceil(rate C) = C
+    sampled.start_step(0)
+    want = full.loss(emb, labels)
+    (g_want,) = torch.autograd.grad(want, emb)
+    got = sampled.loss(emb, labels)
+    (g_got,) = torch.autograd.grad(got, emb)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-4, atol=1e-6)
