@@ -137,3 +137,59 @@ def test_identify_answers_low_quality_below_the_minimum():
     gated = identify(gallery, probes, threshold=0.5, quality=np.array([30.0, 5.0, np.nan]), min_quality=10.0)
     assert [r.answer for r in gated] == ["ann", LOW_QUALITY, LOW_QUALITY] and gated[1].quality == 5.0
     assert gated[1].top == plain[1].top  # the ranking is still shown
+
+
+def _probe_quality(trained_checkpoint, photo) -> float:
+    from facecli.faces import embed_photos
+
+    found = embed_photos(load_model(trained_checkpoint), [photo], None, False, torch.device("cpu"), True, None, 0)
+    return float(found.quality[0])
+
+
+def test_identify_and_embed_take_min_quality_through_the_cli(synth_root, synth_lfw_dir, trained_checkpoint, tmp_path):
+    """`identify --min-quality` answers "low quality" (no name) below it and shows each face's
+    quality; `embed --compare --min-quality` decides nothing below it; a non-number is refused."""
+    people = tmp_path / "people"
+    for folder in sorted(d for d in (synth_lfw_dir / "lfw_funneled").iterdir() if d.is_dir())[:2]:
+        (people / folder.name).mkdir(parents=True)
+        for image in sorted(folder.glob("*.jpg"))[:2]:
+            (people / folder.name / image.name).write_bytes(image.read_bytes())
+    gallery = tmp_path / "g.npz"
+    assert cli("gallery", "build", trained_checkpoint, people, "--out", gallery, "--no-face-check", "--device", "cpu").exit_code == 0
+    probe = sorted(people.rglob("*.jpg"))[0]
+    q = _probe_quality(trained_checkpoint, probe)
+    base = ("identify", gallery, trained_checkpoint, probe, "--threshold", "-1", "--json", "--no-face-check", "--device", "cpu")
+    named = json.loads(cli(*base, "--min-quality", f"{q * 0.99}").output)["faces"][0]
+    assert named["answer"] == probe.parent.name and named["quality"] == pytest.approx(q, rel=1e-5)
+    gated = json.loads(cli(*base, "--min-quality", f"{q * 1.01}").output)["faces"][0]
+    assert gated["answer"] == LOW_QUALITY and gated["top"][0]["name"] == probe.parent.name
+    table = cli(*base[:-4], "--no-face-check", "--device", "cpu", "--min-quality", f"{q * 1.01}")
+    assert table.exit_code == 0 and "low quality" in table.output and "quality" in table.output, table.output
+    from facecli.engine.checkpoint import set_threshold
+
+    tuned = tmp_path / "tuned.pt"
+    tuned.write_bytes(trained_checkpoint.read_bytes())
+    set_threshold(tuned, -1.0, "test")  # "same" for any pair, unless the quality gate stops it
+    compare = cli("embed", tuned, probe, probe, "--compare", "--no-face-check", "--device", "cpu", "--min-quality", f"{q * 1.01}")
+    assert compare.exit_code == 0 and "low quality" in compare.output, compare.output
+    from conftest import one_line_error
+
+    assert "--min-quality" in one_line_error(cli(*base, "--min-quality", "nan"))
+
+
+def test_eval_lfw_erc_writes_the_curve_and_refuses_a_model_without_quality(synth_lfw_dir, trained_checkpoint, tmp_path):
+    from conftest import one_line_error
+    from facecli.engine.checkpoint import load_checkpoint, save_checkpoint
+
+    out = tmp_path / "lfw.json"
+    result = cli("eval-lfw", trained_checkpoint, "--lfw-dir", synth_lfw_dir, "--device", "cpu", "--workers", "0", "--json", out, "--erc")
+    assert result.exit_code == 0, result.output
+    assert "Error versus reject" in result.output and "lowest-quality 10% rejected" in result.output
+    curve = json.loads((tmp_path / "lfw_erc.json").read_text())
+    assert curve["far"] == 1e-3 and len(curve["reject"]) == len(curve["fnmr"]) == 51 and curve["reject"][-1] == 0.5
+    assert (tmp_path / "lfw_erc.png").stat().st_size > 0
+    ckpt = load_checkpoint(trained_checkpoint)
+    ckpt["model"] = "facenet"
+    facenet = tmp_path / "f.pt"
+    save_checkpoint(ckpt, facenet)
+    assert "no quality score" in one_line_error(cli("eval-lfw", facenet, "--lfw-dir", synth_lfw_dir, "--device", "cpu", "--erc"))

@@ -49,6 +49,7 @@ Amp = Annotated[bool, typer.Option("--amp/--no-amp", help="Mixed precision on CU
 Detector = Annotated[DetectorName, typer.Option("--detector", help=DETECTOR_HELP)]
 FaceCheck = Annotated[bool, typer.Option("--face-check/--no-face-check", help=FACE_CHECK_HELP)]
 JsonOut = Annotated[Optional[Path], typer.Option("--json", help="Write the figures to this JSON file (any picture goes beside it).")]
+MinQuality = Annotated[Optional[float], typer.Option("--min-quality", help="A face whose quality (its feature norm before L2 normalisation; MagFace/AdaFace train it) is below this gets no decision: 'low quality'.")]
 
 
 def error_line(message: str) -> None:
@@ -179,3 +180,23 @@ def face_check_for(detect: bool, check: bool, name: DetectorName):
              "install it (pip install 'facecli[detect]'), or pass --no-face-check to accept that.")
         return None
     return make_detector(name.value)
+
+
+def check_min_quality(min_quality: float | None, model: str) -> None:
+    """``--min-quality`` only as a finite number, and only where the model has a quality score."""
+    import math
+
+    if min_quality is None:
+        return
+    if not math.isfinite(min_quality):
+        raise UserError(f"--min-quality must be a finite number, got {min_quality}.")
+    require_quality_score(model, "--min-quality")
+
+
+def require_quality_score(model: str, flag: str) -> None:
+    """A one-line refusal of ``flag`` for a network without a quality score (FaceNet's unit outputs)."""
+    from facecli.evaluation.quality import quality_problem
+
+    problem = quality_problem(model)
+    if problem:
+        raise UserError(problem, hint=f"Drop {flag}, or use a margin-head model (MagFace and AdaFace train the norm as a quality score).")

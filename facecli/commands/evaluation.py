@@ -13,8 +13,9 @@ from typing import List, Optional
 import typer
 
 from facecli.commands.common import (FACE_CHECK_HELP, LANDMARKS_HELP, Amp, BatchSize, Detector, DetectorName, Device, Flip, JsonOut,
-                                     Workers, check_positive, detector_for, embedder_for, face_check_for, guarded, lfw_for_eval,
-                                     pick_device, progress_factory, warn_if_bunched, worker_count)
+                                     MinQuality, Workers, check_positive, detector_for, embedder_for, face_check_for, guarded,
+                                     lfw_for_eval, pick_device, progress_factory, require_quality_score, warn_if_bunched,
+                                     worker_count)
 from facecli.commands.operating_point import tune_far
 from facecli.errors import UserError
 from facecli.ui import console
@@ -32,6 +33,7 @@ def eval_lfw(
     allow_missing: bool = typer.Option(False, help="Evaluate even if some pair images are missing (they are counted)."),
     json_out: JsonOut = None,
     amp: Amp = True,
+    erc: bool = typer.Option(False, "--erc", help="Also draw the error-versus-reject curve: FNMR at the FAR-1e-3 threshold as the lowest-quality pairs (the worse face's feature norm) are rejected, 0-50% (PNG and JSON)."),
 ):
     """LFW View 2: 10-fold accuracy (threshold of each fold chosen on the other nine), AUC, EER, TAR@FAR."""
     from facecli.data.lfw import find_image_root, read_pairs
@@ -39,6 +41,8 @@ def eval_lfw(
     from facecli.evaluation.runner import evaluate_bin, evaluate_pair_set, resolve_pairs_arg, save_pictures, write_json
 
     fm, embedder = embedder_for(checkpoint, device, flip, batch_size, workers, amp)
+    if erc:
+        require_quality_score(fm.model, "--erc")
     if bin is not None:
         ev = evaluate_bin(embedder, bin, progress_factory)
     else:
@@ -55,12 +59,27 @@ def eval_lfw(
     out_dir = json_out.parent if json_out else Path(checkpoint).parent
     stem = json_out.stem if json_out else f"eval_{ev.name.lower()}"
     pictures = save_pictures(ev, out_dir, stem)
+    if erc:
+        pictures += _error_reject(ev, out_dir, stem)
     if json_out:
         data = ev.to_dict()
         data.update(checkpoint=str(checkpoint), flip=flip, pictures=[str(p) for p in pictures])
         write_json(json_out, data)
         console.print(f"Wrote {json_out}", markup=False)
     console.print(f"Pictures: {', '.join(str(p) for p in pictures)}", markup=False)
+
+
+def _error_reject(ev, out_dir: Path, stem: str) -> list[Path]:
+    """``eval-lfw --erc``: the curve's PNG and JSON, and one line on what rejecting 10% does."""
+    from facecli.evaluation.quality import erc_of, write_erc
+
+    if ev.pair_quality is None:
+        raise UserError("--erc needs each pair's image qualities; this evaluation (a .bin set) has none.", hint="Evaluate LFW from its image folders for --erc.")
+    curve = erc_of(ev)
+    png, js = write_erc(curve, out_dir / f"{stem}_erc.png", out_dir / f"{stem}_erc.json")
+    console.print(f"Error versus reject (threshold {curve.threshold:.4f} for FAR {curve.far:g}): FNMR {100 * curve.fnmr[0]:.2f}% "
+                  f"with every pair, {100 * curve.fnmr_at(0.1):.2f}% with the lowest-quality 10% rejected.", markup=False)
+    return [png, js]
 
 
 def eval_sets(
@@ -164,12 +183,13 @@ def embed(
     largest: bool = typer.Option(False, "--largest", help="With --detect: only the largest face of each photo."),
     face_check: bool = typer.Option(True, "--face-check/--no-face-check", help="With --compare: " + FACE_CHECK_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file."),
+    min_quality: MinQuality = None,
     flip: Flip = True,
     batch_size: BatchSize = None,
     device: Device = None,
     workers: Workers = "0",
 ):
-    """Embed images with a trained model (L2-normalised float32), or compare two faces."""
+    """Embed images with a trained model (L2-normalised float32, each face's quality beside it), or compare two faces."""
     from facecli.evaluation.embed_files import run_embed
 
     check_positive(batch_size, "--batch-size")
@@ -177,7 +197,7 @@ def embed(
         raise UserError("Give either --landmarks or --detect, not both.")
     checker = face_check_for(detect or landmarks is not None, face_check and compare, detector)
     code = run_embed(checkpoint, paths, out, compare, landmarks, flip, batch_size, pick_device(device), worker_count(workers), progress_factory,
-                     detector_for(detect, detector), largest, checker, overwrite)
+                     detector_for(detect, detector), largest, checker, overwrite, min_quality)
     if code:
         raise typer.Exit(code)
 

@@ -15,8 +15,8 @@ from rich.table import Table
 
 from rich.markup import escape
 
-from facecli.commands.common import (LANDMARKS_HELP, BatchSize, Detector, DetectorName, Device, FaceCheck, Flip, Workers,
-                                     check_positive, detector_for, face_check_for, guarded, pick_device, progress_factory, worker_count)
+from facecli.commands.common import (LANDMARKS_HELP, BatchSize, Detector, DetectorName, Device, FaceCheck, Flip, MinQuality, Workers,
+                                     check_min_quality, check_positive, detector_for, face_check_for, guarded, pick_device, progress_factory, worker_count)
 from facecli.errors import UserError
 from facecli.ui import console, warn
 
@@ -123,20 +123,25 @@ def operating_point(given: float | None, gallery, runner, by: str, far: float):
 def _identify_table(found, results, point) -> Table:
     t = Table(title=f"Identification (threshold {point.threshold:.4f}: {escape(point.source)})")
     width = max([len(r.answer) for r in results] + [6])
-    for col in ("photo", "face", "box", "answer", "similarity", "next best"):
-        t.add_column(col, justify="right" if col in ("face", "similarity") else "left", overflow="fold",
+    for col in ("photo", "face", "box", "answer", "similarity", "quality", "next best"):
+        t.add_column(col, justify="right" if col in ("face", "similarity", "quality") else "left", overflow="fold",
                      min_width=width if col == "answer" else None, no_wrap=col == "answer")
     for record, res in zip(found.records, results):
         others = ", ".join(f"{escape(m.name)} {m.score:.3f}" for m in res.top[1:])
         box = "whole image" if record.face is None else "{:.0f},{:.0f}-{:.0f},{:.0f}".format(*record.face.box)
-        t.add_row(escape(str(record.source)), str(record.index), box, escape(res.answer), f"{res.top[0].score:.4f}", others)
+        t.add_row(escape(str(record.source)), str(record.index), box, escape(res.answer), f"{res.top[0].score:.4f}", _quality_text(res.quality), others)
     return t
+
+
+def _quality_text(quality: float | None) -> str:
+    return "" if quality is None else f"{quality:.3g}"
 
 
 def _identify_json(found, results, point, gallery_path: Path, model_path: Path) -> str:
     rows = []
     for record, res in zip(found.records, results):
-        row = {"photo": str(record.source), "face": record.index, "answer": res.answer, "top": [{"name": m.name, "similarity": m.score} for m in res.top]}
+        row = {"photo": str(record.source), "face": record.index, "answer": res.answer, "quality": res.quality,
+               "top": [{"name": m.name, "similarity": m.score} for m in res.top]}
         if record.face is not None:
             row.update(box=list(record.face.box), score=record.face.score, landmarks=record.face.landmarks.tolist())
         rows.append(row)
@@ -168,6 +173,7 @@ def identify(
     far: float = typer.Option(0.01, "--far", help="Without --threshold: the share of strangers allowed a name, calibrated leave-one-out on the gallery's photos."),
     by: Scoring = typer.Option(Scoring.mean, help="Score a person by their mean template or their best template."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    min_quality: MinQuality = None,
     flip: Flip = True,
     batch_size: BatchSize = None,
     device: Device = None,
@@ -186,6 +192,7 @@ def identify(
     dev = pick_device(device)
     runner = load_model(model_path, dev)
     check_model(gallery, runner.identity, gallery_path, model_path)
+    check_min_quality(min_quality, runner.model)
     point = operating_point(threshold, gallery, runner, by.value, far)
     mismatch = framing_mismatch(gallery, det.name if det is not None else None)
     if mismatch:
@@ -196,7 +203,7 @@ def identify(
     found.problems = missing + found.problems
     if not found.records:
         _all_failed(found, detect)
-    results = rank(gallery, found.embeddings, point.threshold, top_k, by.value)
+    results = rank(gallery, found.embeddings, point.threshold, top_k, by.value, quality=found.quality, min_quality=min_quality)
     if json_out:
         console.print_json(_identify_json(found, results, point, gallery_path, model_path))
     else:
