@@ -75,16 +75,21 @@ def table(rows: list[dict], eigenfaces: float) -> str:
     return "\n".join(lines)
 
 
+def parse_att_args(ap: argparse.ArgumentParser, json_name: str) -> tuple[argparse.Namespace, int]:
+    """Add ``--threads`` and ``--json``, parse, stop unless the AT&T faces are there, set the threads: every AT&T benchmark's start."""
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json", type=Path, default=RESULTS / json_name)
+    args = ap.parse_args()
+    if not att.ATT_DIR.exists():
+        sys.exit(f"{att.ATT_DIR} not found: this benchmark needs ../shared/data/att_faces.")
+    return args, set_threads(args.threads)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--backbones", default="resnet18,iresnet18,mobilefacenet")
     ap.add_argument("--seeds", default="0,1")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--json", type=Path, default=RESULTS / "att_faces.json")
-    args = ap.parse_args()
-    if not att.ATT_DIR.exists():
-        sys.exit(f"{att.ATT_DIR} not found: this benchmark needs ../shared/data/att_faces.")
-    threads = set_threads(args.threads)
+    args, threads = parse_att_args(ap, "att_faces.json")
     from facecli.evaluation import verify
 
     paths, ia, ib, issame = att.held_out_pairs()

@@ -26,7 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import REPO, RESULTS, set_threads
+from _common import REPO
+from att_faces import parse_att_args
 
 sys.path.insert(0, str(REPO / "tests"))
 
@@ -69,12 +70,7 @@ def main() -> None:
     ap.add_argument("--freeze-epochs", type=int, default=3)
     ap.add_argument("--finetune-lr", type=float, default=None, help="learning rate of the fine-tuned rows (default: the recipe's)")
     ap.add_argument("--skip-scratch", action="store_true", help="only the LFW and fine-tuned rows")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--json", type=Path, default=RESULTS / "finetune_att.json")
-    args = ap.parse_args()
-    if not att.ATT_DIR.exists():
-        sys.exit(f"{att.ATT_DIR} not found: this benchmark needs ../shared/data/att_faces.")
-    threads = set_threads(args.threads)
+    args, threads = parse_att_args(ap, "finetune_att.json")
     import torch
 
     source_config = torch.load(args.source, weights_only=True)["train_config"]

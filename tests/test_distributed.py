@@ -81,11 +81,16 @@ def _two_workers(mode: str, *args, timeout: int = 120) -> list[str]:
     for rank in range(2):
         e = dict(env, RANK=str(rank), LOCAL_RANK=str(rank))
         procs.append(subprocess.Popen([sys.executable, str(HERE), mode, *map(str, args)], env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return _collect(procs, timeout, "rank")
+
+
+def _collect(procs: list[subprocess.Popen], timeout: int, what: str) -> list[str]:
+    """Each process's stdout once all have exited 0; a failure names the process and shows its output, and kills the rest."""
     outs = []
     try:
         for p in procs:
             out, err = p.communicate(timeout=timeout)
-            assert p.returncode == 0, f"rank {len(outs)} failed:\n{out[-2000:]}\n{err[-6000:]}"
+            assert p.returncode == 0, f"{what} {len(outs)} failed:\n{out[-2000:]}\n{err[-6000:]}"
             outs.append(out)
     finally:
         for p in procs:

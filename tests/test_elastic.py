@@ -22,7 +22,7 @@ from pathlib import Path
 from conftest import cli, one_line_error
 import pytest
 
-from test_distributed import _assert_same_training_state, _env, _free_port, _load, _metrics, _tiny, _torchrun
+from test_distributed import _assert_same_training_state, _collect, _env, _free_port, _load, _metrics, _tiny, _torchrun
 
 STEPS = 6  # 72 images, 2 x 6 per step, 1 epoch
 
@@ -71,18 +71,7 @@ def _two_nodes(*args, timeout: int = 180) -> list[str]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d",
            f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=facecli-two-nodes", *map(str, args)]  # fmt: skip
     nodes = [subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    outs = []
-    try:
-        for node in nodes:
-            out, err = node.communicate(timeout=timeout)
-            assert node.returncode == 0, f"node failed:\n{out[-2000:]}\n{err[-6000:]}"
-            outs.append(out)
-    finally:
-        for node in nodes:
-            if node.poll() is None:
-                node.kill()
-                node.wait()
-    return outs
+    return _collect(nodes, timeout, "node")
 
 
 def test_two_nodes_compute_the_single_node_run(single_node_run, synth_root, tmp_path):

@@ -49,6 +49,7 @@ Amp = Annotated[bool, typer.Option("--amp/--no-amp", help="Mixed precision on CU
 Detector = Annotated[DetectorName, typer.Option("--detector", help=DETECTOR_HELP)]
 FaceCheck = Annotated[bool, typer.Option("--face-check/--no-face-check", help=FACE_CHECK_HELP)]
 JsonOut = Annotated[Optional[Path], typer.Option("--json", help="Write the figures to this JSON file (any picture goes beside it).")]
+Largest = Annotated[bool, typer.Option("--largest", help="With --detect: only the largest face of each photo.")]
 MinQuality = Annotated[Optional[float], typer.Option("--min-quality", help="A face whose quality (its feature norm before L2 normalisation; MagFace/AdaFace train it) is below this gets no decision: 'low quality'.")]
 
 

@@ -12,7 +12,7 @@ from typing import List, Optional
 
 import typer
 
-from facecli.commands.common import (FACE_CHECK_HELP, LANDMARKS_HELP, Amp, BatchSize, Detector, DetectorName, Device, Flip, JsonOut,
+from facecli.commands.common import (FACE_CHECK_HELP, LANDMARKS_HELP, Amp, BatchSize, Detector, DetectorName, Device, Flip, JsonOut, Largest,
                                      MinQuality, Workers, check_positive, detector_for, embedder_for, face_check_for, guarded,
                                      lfw_for_eval, pick_device, progress_factory, require_quality_score, warn_if_bunched,
                                      worker_count)
@@ -180,7 +180,7 @@ def embed(
     landmarks: Optional[Path] = typer.Option(None, help="Align raw photos first with these landmarks. " + LANDMARKS_HELP),
     detect: bool = typer.Option(False, "--detect", help="Raw photos: find every face, align it, one row per face (with box, landmarks, score)."),
     detector: Detector = DetectorName.hog,
-    largest: bool = typer.Option(False, "--largest", help="With --detect: only the largest face of each photo."),
+    largest: Largest = False,
     face_check: bool = typer.Option(True, "--face-check/--no-face-check", help="With --compare: " + FACE_CHECK_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file."),
     min_quality: MinQuality = None,

@@ -15,7 +15,7 @@ from rich.table import Table
 
 from rich.markup import escape
 
-from facecli.commands.common import (LANDMARKS_HELP, BatchSize, Detector, DetectorName, Device, FaceCheck, Flip, MinQuality, Workers,
+from facecli.commands.common import (LANDMARKS_HELP, BatchSize, Detector, DetectorName, Device, FaceCheck, Flip, Largest, MinQuality, Workers,
                                      check_min_quality, check_positive, detector_for, face_check_for, guarded, pick_device, progress_factory, worker_count)
 from facecli.errors import UserError
 from facecli.ui import console, warn
@@ -166,7 +166,7 @@ def identify(
     photos: List[Path] = typer.Argument(..., help="Photos (or folders of photos) to identify."),
     detect: bool = typer.Option(False, "--detect", help="Raw photos: identify every face found (see --largest)."),
     detector: Detector = DetectorName.hog,
-    largest: bool = typer.Option(False, "--largest", help="With --detect: only the largest face of each photo."),
+    largest: Largest = False,
     face_check: FaceCheck = True,
     top_k: int = typer.Option(5, "--top-k", min=1, help="How many identities to list per face."),
     threshold: Optional[float] = typer.Option(None, help="Similarity below which the answer is 'unknown' (default: calibrated on the gallery for --far)."),
