@@ -175,6 +175,9 @@ def test_identify_and_embed_take_min_quality_through_the_cli(synth_root, synth_l
     from conftest import one_line_error
 
     assert "--min-quality" in one_line_error(cli(*base, "--min-quality", "nan"))
+    # Writing a file filters nothing: the flag there would be a promise not kept, so it is refused.
+    written = cli("embed", tuned, probe, "--out", tmp_path / "e.npz", "--device", "cpu", "--min-quality", "1")
+    assert "--compare" in one_line_error(written) and not (tmp_path / "e.npz").exists()
 
 
 def test_eval_lfw_erc_writes_the_curve_and_refuses_a_model_without_quality(synth_lfw_dir, trained_checkpoint, tmp_path):

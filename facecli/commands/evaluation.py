@@ -195,6 +195,9 @@ def embed(
     check_positive(batch_size, "--batch-size")
     if detect and landmarks is not None:
         raise UserError("Give either --landmarks or --detect, not both.")
+    if min_quality is not None and not compare:
+        raise UserError("--min-quality decides two faces with --compare; a written file keeps every face with its quality.",
+                        hint="Add --compare, or filter the file's quality column yourself.")
     checker = face_check_for(detect or landmarks is not None, face_check and compare, detector)
     code = run_embed(checkpoint, paths, out, compare, landmarks, flip, batch_size, pick_device(device), worker_count(workers), progress_factory,
                      detector_for(detect, detector), largest, checker, overwrite, min_quality)
