@@ -40,12 +40,23 @@ def train(backbone: str, seed: int, out: Path) -> Path:
     return out / "ck" / "cosface" / "att" / "latest.pt"
 
 
-def measure(backbone: str, seed: int) -> dict:
+def untrained_accuracy(checkpoint: Path, tmp: Path) -> float:
+    """Held-out accuracy of the run's network before its first step (what its configuration builds)."""
     import torch
 
-    from facecli.models import load_model
     from facecli.engine.config import TrainConfig
     from facecli.engine.trainer import Trainer
+    from facecli.evaluation import verify
+
+    saved = torch.load(checkpoint, weights_only=True)["train_config"]
+    untrained = Trainer(TrainConfig.from_dict(saved, checkpoints_dir=str(tmp / "untrained")))
+    untrained.tracker.close()
+    paths, ia, ib, issame = att.held_out_pairs()
+    return verify(att.network_scores(untrained.net, untrained.preprocess, paths, ia, ib), issame).accuracy
+
+
+def measure(backbone: str, seed: int) -> dict:
+    from facecli.models import load_model
     from facecli.evaluation import verify
 
     paths, ia, ib, issame = att.held_out_pairs()
@@ -55,10 +66,7 @@ def measure(backbone: str, seed: int) -> dict:
         seconds = time.perf_counter() - start
         trained = load_model(checkpoint, device="cpu")
         acc = verify(att.network_scores(trained.net, trained.preprocess, paths, ia, ib), issame).accuracy
-        saved = torch.load(checkpoint, weights_only=True)["train_config"]
-        untrained = Trainer(TrainConfig.from_dict(saved, checkpoints_dir=str(Path(tmp) / "untrained")))
-        untrained.tracker.close()
-        acc0 = verify(att.network_scores(untrained.net, untrained.preprocess, paths, ia, ib), issame).accuracy
+        acc0 = untrained_accuracy(checkpoint, Path(tmp))
     params = sum(p.numel() for p in trained.net.parameters())
     row = {"backbone": backbone, "seed": seed, "trained": acc, "untrained": acc0, "train_seconds": seconds, "parameters": params}
     print(f"  {backbone} seed {seed}: trained {100 * acc:.2f}%, untrained {100 * acc0:.2f}% ({seconds:.0f} s)", flush=True)

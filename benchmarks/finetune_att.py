@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from _common import REPO
-from att_faces import parse_att_args
+from att_faces import parse_att_args, untrained_accuracy
 
 sys.path.insert(0, str(REPO / "tests"))
 
@@ -68,23 +68,26 @@ def main() -> None:
     ap.add_argument("--source", type=Path, required=True, help="an LFW-trained facecli checkpoint (benchmarks/lfw_view1.py)")
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--freeze-epochs", type=int, default=3)
-    ap.add_argument("--finetune-lr", type=float, default=None, help="learning rate of the fine-tuned rows (default: the recipe's)")
+    ap.add_argument("--finetune-lrs", default=None, help="comma-separated learning rates of the fine-tuned rows (default: the recipe's)")
     ap.add_argument("--skip-scratch", action="store_true", help="only the LFW and fine-tuned rows")
     args, threads = parse_att_args(ap, "finetune_att.json")
     import torch
 
     source_config = torch.load(args.source, weights_only=True)["train_config"]
     flags = recipe(source_config, args.epochs)
-    tune = ["--init-from", str(args.source)] + (["--lr", str(args.finetune_lr)] if args.finetune_lr else [])
-    lr = f", lr {args.finetune_lr:g}" if args.finetune_lr else ""
-    runs = [("scratch", [])] * (not args.skip_scratch) + [
-        (f"fine-tuned{lr}", tune), (f"fine-tuned{lr}, frozen first", tune + ["--freeze-backbone-epochs", str(args.freeze_epochs)])]
+    lrs = [float(v) for v in args.finetune_lrs.split(",")] if args.finetune_lrs else [float(flags[flags.index("--lr") + 1])]
+    runs = [("scratch", [])] * (not args.skip_scratch)
+    for lr in lrs:
+        tune = ["--init-from", str(args.source), "--lr", f"{lr:g}"]
+        runs += [(f"fine-tuned, lr {lr:g}", tune), (f"fine-tuned, lr {lr:g}, frozen first", tune + ["--freeze-backbone-epochs", str(args.freeze_epochs)])]
     rows = [{"row": "LFW as is", "accuracy": accuracy(args.source), "train_seconds": 0.0, "flags": []}]
     with tempfile.TemporaryDirectory() as tmp:
         for i, (name, extra) in enumerate(runs):
             checkpoint, seconds = train(f"run{i}", extra, flags, Path(tmp))
             rows.append({"row": name, "accuracy": accuracy(checkpoint), "train_seconds": seconds, "flags": extra})
             print(f"  {name}: {100 * rows[-1]['accuracy']:.2f}% ({seconds:.0f} s)", flush=True)
+            if not extra:
+                rows.append({"row": "untrained (scratch's first weights)", "accuracy": untrained_accuracy(checkpoint, Path(tmp)), "train_seconds": 0.0, "flags": []})
     out = {"machine": f"{platform.machine()}, {threads} thread(s)", "source": str(args.source), "recipe": flags, "rows": rows}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(out, indent=2))
