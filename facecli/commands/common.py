@@ -201,3 +201,19 @@ def require_quality_score(model: str, flag: str) -> None:
     problem = quality_problem(model)
     if problem:
         raise UserError(problem, hint=f"Drop {flag}, or use a margin-head model (MagFace and AdaFace train the norm as a quality score).")
+
+
+def command_name() -> str:
+    """How to type facecli again in a hint: ``facecli`` where it is on PATH, else the path that
+    was run (``.venv/bin/facecli`` after ``./run.sh``), else ``python -m facecli``."""
+    import os
+    import shlex
+    import shutil
+    import sys
+
+    if shutil.which("facecli"):
+        return "facecli"
+    ran = Path(sys.argv[0])
+    if ran.name == "facecli" and ran.exists():
+        return shlex.quote(os.path.relpath(ran) if not os.path.relpath(ran).startswith("..") else str(ran))
+    return f"{shlex.quote(sys.executable)} -m facecli"

@@ -15,7 +15,7 @@ from typing import Optional
 
 import typer
 
-from facecli.commands.common import guarded, log, progress_factory, settings
+from facecli.commands.common import command_name, guarded, log, progress_factory, settings
 from facecli.engine.runs import CHECKPOINT_NAMES
 from facecli.ui import console, progress, warn
 
@@ -157,7 +157,7 @@ def _print_demo(res, out_dir: Path, model: str) -> None:
         console.print(f"View 1 dev-test accuracy at the threshold tuned on dev-train: {100 * res.dev_test_accuracy:.2f}%", markup=False)
     ckpt, lfw = str(res.run_dir / "latest.pt"), str(out_dir / "data" / "Labeled Faces in the Wild (LFW)")
     console.print(f"Run directory: {res.run_dir}", markup=False)
-    console.print(f"Next: facecli eval-lfw {shlex.quote(ckpt)} --lfw-dir {shlex.quote(lfw)}", markup=False)
+    console.print(f"Next: {command_name()} eval-lfw {shlex.quote(ckpt)} --lfw-dir {shlex.quote(lfw)}", markup=False)
 
 
 COMMANDS = {"train": (train, train_parameters), "resume": (resume, resume_parameters), "demo": (demo, demo_parameters)}
