@@ -243,6 +243,10 @@ def _sharded_reference_worker() -> None:
             if name == "curricularface":
                 torch.testing.assert_close(head.local.t, ref.t)
             checked += 1
+    # Both ranks finish their collectives before either exits: a rank leaving while gloo still
+    # talks to it aborts the process ("terminate called without an active exception").
+    dist.barrier()
+    dist.destroy_process_group()
     print(f"PFC-SHARDED-OK {checked}")
 
 
