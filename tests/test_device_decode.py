@@ -176,3 +176,59 @@ def test_labels_stay_the_loaders_tensor_when_nothing_is_dropped():
     labels = torch.arange(len(JPEGS))
     _, kept, _ = to_device_batch(batch_of(JPEGS), labels, [], Preprocess(32), "cpu")
     assert kept is labels
+
+
+class _Stream:
+    """A recording stand-in for ``torch.cuda.Stream`` (the simulated GPU has no streams)."""
+
+    def __init__(self, log: list, name: str):
+        self.log, self.name = log, name
+
+    def wait_stream(self, other):
+        self.log.append(("wait", self.name, other.name))
+
+
+def test_cuda_decode_runs_on_a_side_stream_the_training_stream_waits_for(sim_gpu, monkeypatch):
+    """The CUDA branch of `to_device_batch` under the simulated GPU: the decode runs while the
+    side stream is current, the training stream then waits for it on the device, the images
+    are recorded on the training stream, one side stream per device is reused, and the loader's
+    (pinned) labels come back as the same tensor when nothing was dropped."""
+    import contextlib
+
+    import facecli.data.device_decode as dd
+
+    log, current = [], []
+    main = _Stream(log, "main")
+    made = []
+
+    def new_stream(device):
+        made.append(device)
+        return _Stream(log, f"side{len(made)}")
+
+    @contextlib.contextmanager
+    def use(stream):
+        current.append(stream.name)
+        yield
+        current.pop()
+
+    class Images:
+        def record_stream(self, stream):
+            log.append(("record", stream.name))
+
+    def fake_decode(batch, preprocess, device):
+        log.append(("decode", current[-1] if current else "main", str(device)))
+        return Images(), torch.arange(len(batch.where)), []
+
+    monkeypatch.setattr(torch.cuda, "Stream", new_stream, raising=False)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: main, raising=False)
+    monkeypatch.setattr(torch.cuda, "stream", use, raising=False)
+    monkeypatch.setattr(dd, "decode_batch", fake_decode)
+    monkeypatch.setattr(dd, "_SIDE_STREAMS", {})
+    batch = EncodedBatch(torch.zeros(4, dtype=torch.uint8), torch.tensor([0, 2, 4]), ["a.jpg", "b.jpg"])
+    labels = torch.tensor([3, 7])
+    for _ in range(2):
+        _, out_labels, bad = to_device_batch(batch, labels, [], Preprocess(32, None), "cuda:0")
+        assert out_labels is labels and bad == []
+    assert made == [torch.device("cuda:0")]  # one side stream, reused
+    step = [("decode", "side1", "cuda:0"), ("wait", "main", "side1"), ("record", "main")]
+    assert log == step + step
