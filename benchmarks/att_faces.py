@@ -55,17 +55,23 @@ def untrained_accuracy(checkpoint: Path, tmp: Path) -> float:
     return verify(att.network_scores(untrained.net, untrained.preprocess, paths, ia, ib), issame).accuracy
 
 
-def measure(backbone: str, seed: int) -> dict:
-    from facecli.models import load_model
+def held_out_accuracy(model) -> float:
+    """10-fold accuracy of a loaded model (``facecli.load_model``) on the held-out people's 900 pairs."""
     from facecli.evaluation import verify
 
     paths, ia, ib, issame = att.held_out_pairs()
+    return verify(att.network_scores(model.net, model.preprocess, paths, ia, ib), issame).accuracy
+
+
+def measure(backbone: str, seed: int) -> dict:
+    from facecli.models import load_model
+
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         checkpoint = train(backbone, seed, Path(tmp))
         seconds = time.perf_counter() - start
         trained = load_model(checkpoint, device="cpu")
-        acc = verify(att.network_scores(trained.net, trained.preprocess, paths, ia, ib), issame).accuracy
+        acc = held_out_accuracy(trained)
         acc0 = untrained_accuracy(checkpoint, Path(tmp))
     params = sum(p.numel() for p in trained.net.parameters())
     row = {"backbone": backbone, "seed": seed, "trained": acc, "untrained": acc0, "train_seconds": seconds, "parameters": params}

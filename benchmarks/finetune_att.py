@@ -27,25 +27,31 @@ import time
 from pathlib import Path
 
 from _common import REPO
-from att_faces import parse_att_args, untrained_accuracy
+from att_faces import held_out_accuracy, parse_att_args, untrained_accuracy
 
 sys.path.insert(0, str(REPO / "tests"))
 
 import test_att_faces as att  # noqa: E402
 
 
+def with_values(args: list[str], values: dict[str, object]) -> list[str]:
+    """``args`` with the value after each named flag replaced (every flag is already there)."""
+    out = list(args)
+    for flag, value in values.items():
+        out[out.index(flag) + 1] = str(value)
+    return out
+
+
 def recipe(source_config: dict, epochs: int) -> list[str]:
     """The AT&T test's flags with the source network's backbone, image size and embedding size."""
-    args = list(att.TRAIN_ARGS)
-    for flag, key in (("--backbone", "backbone"), ("--image-size", "image_size"), ("--embedding-dim", "embedding_dim")):
-        args[args.index(flag) + 1] = str(source_config[key])
-    args[args.index("--epochs") + 1] = str(epochs)
-    return args
+    return with_values(att.TRAIN_ARGS, {"--backbone": source_config["backbone"], "--image-size": source_config["image_size"],
+                                        "--embedding-dim": source_config["embedding_dim"], "--epochs": epochs})
 
 
 def train(name: str, extra: list[str], args: list[str], out: Path) -> tuple[Path, float]:
     people = out / "s1-s30.txt"
-    people.write_text("".join(f"{p}\n" for p in att.TRAIN_PEOPLE))
+    if not people.exists():
+        people.write_text("".join(f"{p}\n" for p in att.TRAIN_PEOPLE))
     cmd = [sys.executable, "-m", "facecli", "train", "cosface", "--train-dir", str(att.ATT_DIR), "--identities", str(people),
            "--checkpoints-dir", str(out / "ck"), "--run-name", name, *args, *extra]
     print("$ facecli", " ".join(cmd[3:]), flush=True)
@@ -55,12 +61,9 @@ def train(name: str, extra: list[str], args: list[str], out: Path) -> tuple[Path
 
 
 def accuracy(checkpoint: Path) -> float:
-    from facecli.evaluation import verify
     from facecli.models import load_model
 
-    paths, ia, ib, issame = att.held_out_pairs()
-    model = load_model(checkpoint, device="cpu")
-    return verify(att.network_scores(model.net, model.preprocess, paths, ia, ib), issame).accuracy
+    return held_out_accuracy(load_model(checkpoint, device="cpu"))
 
 
 def main() -> None:
@@ -76,15 +79,16 @@ def main() -> None:
     source_config = torch.load(args.source, weights_only=True)["train_config"]
     flags = recipe(source_config, args.epochs)
     lrs = [float(v) for v in args.finetune_lrs.split(",")] if args.finetune_lrs else [float(flags[flags.index("--lr") + 1])]
-    runs = [("scratch", [])] * (not args.skip_scratch)
+    runs = [("scratch", [], flags)] * (not args.skip_scratch)
     for lr in lrs:
-        tune = ["--init-from", str(args.source), "--lr", f"{lr:g}"]
-        runs += [(f"fine-tuned, lr {lr:g}", tune), (f"fine-tuned, lr {lr:g}, frozen first", tune + ["--freeze-backbone-epochs", str(args.freeze_epochs)])]
+        tune, tuned = ["--init-from", str(args.source)], with_values(flags, {"--lr": f"{lr:g}"})
+        runs += [(f"fine-tuned, lr {lr:g}", tune, tuned),
+                 (f"fine-tuned, lr {lr:g}, frozen first", tune + ["--freeze-backbone-epochs", str(args.freeze_epochs)], tuned)]
     rows = [{"row": "LFW as is", "accuracy": accuracy(args.source), "train_seconds": 0.0, "flags": []}]
     with tempfile.TemporaryDirectory() as tmp:
-        for i, (name, extra) in enumerate(runs):
-            checkpoint, seconds = train(f"run{i}", extra, flags, Path(tmp))
-            rows.append({"row": name, "accuracy": accuracy(checkpoint), "train_seconds": seconds, "flags": extra})
+        for i, (name, extra, row_flags) in enumerate(runs):
+            checkpoint, seconds = train(f"run{i}", extra, row_flags, Path(tmp))
+            rows.append({"row": name, "accuracy": accuracy(checkpoint), "train_seconds": seconds, "flags": extra + ["--lr", row_flags[row_flags.index("--lr") + 1]]})
             print(f"  {name}: {100 * rows[-1]['accuracy']:.2f}% ({seconds:.0f} s)", flush=True)
             if not extra:
                 rows.append({"row": "untrained (scratch's first weights)", "accuracy": untrained_accuracy(checkpoint, Path(tmp)), "train_seconds": 0.0, "flags": []})

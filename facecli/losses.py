@@ -346,7 +346,9 @@ class MarginHead(Loss):
 
     # -- to be provided by subclasses ------------------------------------------------------
     def _target(self, cos_y: Tensor) -> Tensor:
-        """Margin-adjusted target cosine (before scaling) for the (B,) target cosines."""
+        """Abstract: margin-adjusted target cosine (before scaling) for the (B,) target cosines.
+        Heads whose margin is per sample (AdaFace, MagFace, ElasticFace) override
+        ``logits_from_cos`` instead, on the same ``_MarginLogits`` path."""
         raise NotImplementedError
 
     def _target_and_slope(self, cos_y: Tensor) -> tuple[Tensor, Tensor]:

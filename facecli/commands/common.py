@@ -215,5 +215,6 @@ def command_name() -> str:
         return "facecli"
     ran = Path(sys.argv[0])
     if ran.name == "facecli" and ran.exists():
-        return shlex.quote(os.path.relpath(ran) if not os.path.relpath(ran).startswith("..") else str(ran))
+        relative = os.path.relpath(ran)
+        return shlex.quote(str(ran) if relative.startswith("..") else relative)
     return f"{shlex.quote(sys.executable)} -m facecli"
